@@ -28,6 +28,6 @@ class RawPrediction:
 
     segments: list[Segment]
     class_probs: torch.Tensor  # (Q, K+1) ensembled class probabilities, last column = no object
-    mask_logits: torch.Tensor  # (Q, H, W) mask logits at the original image size
+    mask_logits: torch.Tensor  # (Q, h, w) mask logits at the model's working size (resized, unpadded)
     image_size: tuple[int, int]  # (H, W) of the original image
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage

@@ -1,0 +1,208 @@
+"""ODISE: assembles backbone, heads and the CLIP classifier; `predict(image, vocabulary)`."""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from odise_core.backbone import ODISEBackbone
+from odise_core.clip import ClipModel
+from odise_core.config import ModelConfig
+from odise_core.head import CategoryHead, clip_class_logits, geometric_ensemble
+from odise_core.mask_decoder import SemSegHead
+from odise_core.postprocess import instance_inference, panoptic_inference, resize_mask_logits, semantic_inference
+from odise_core.preprocess import Prepared, load_image, prepare
+from odise_core.training import SetCriterion
+from odise_core.types import RawPrediction, Segment
+from odise_core.vocabulary import TextEmbeddingCache, Vocabulary, is_base
+from odise_core import weights
+
+log = logging.getLogger(__name__)
+
+# Classes of the COCO panoptic training set; the criterion's no-object weight vector has K_train + 1 entries.
+COCO_TRAIN_CLASSES = 133
+MODES = ("panoptic", "instance", "semantic")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' picks CUDA, then MPS, then CPU."""
+    if str(device) != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+class ODISE(nn.Module):
+    """The trainable ODISE parts plus references to the frozen SD and CLIP networks."""
+
+    FROZEN_PREFIXES = ("clip.", "backbone.feature_extractor.unet.", "backbone.feature_extractor.vae.")
+
+    def __init__(self, cfg: ModelConfig, clip: ClipModel, unet: nn.Module, vae: nn.Module,
+                 empty_prompt_embedding: torch.Tensor, text_cache: TextEmbeddingCache | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.clip = clip
+        self.backbone = ODISEBackbone(cfg, clip, unet, vae, empty_prompt_embedding)
+        self.sem_seg_head = SemSegHead(cfg, self.backbone.out_channels, self.backbone.out_strides)
+        self.category_head = CategoryHead(cfg.head, clip_dim=cfg.clip.embed_dim)
+        self.criterion = SetCriterion(COCO_TRAIN_CLASSES) if cfg.head.kind == "label" else None
+        self.text_cache = text_cache or TextEmbeddingCache(weights.weights_dir() / "text_embeddings")
+        self.version = "random" if cfg.checkpoint is None else Path(str(cfg.checkpoint)).stem
+        for p in self.clip.parameters():
+            p.requires_grad_(False)
+
+    # ----------------------------------------------------------------- building
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, device: str | torch.device = "auto",
+                    text_cache: TextEmbeddingCache | None = None) -> "ODISE":
+        """Build the model with the weights named by `cfg`; fails at once when weights are missing."""
+        weights.check_weights_available(cfg)
+        torch.manual_seed(cfg.seed)
+        clip = weights.load_clip(cfg.clip)
+        unet, vae, empty = weights.load_stable_diffusion(cfg.diffusion)
+        model = cls(cfg, clip, unet, vae, empty, text_cache=text_cache)
+        if cfg.checkpoint is not None:
+            weights.load_odise_checkpoint(model, cfg.checkpoint)
+        model.eval()
+        return model.to(resolve_device(device))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.category_head.parameters()).device
+
+    @property
+    def model_key(self) -> str:
+        """Identifies the CLIP weights for the text-embedding cache."""
+        return f"{self.cfg.clip.model_name}:{self.cfg.clip.pretrained}:{self.cfg.seed}"
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state dict in the official checkpoint's layout: everything but frozen SD/CLIP."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(self.FROZEN_PREFIXES)}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load trainable weights, requiring exactly the keys of `trainable_state_dict`."""
+        expected = set(self.trainable_state_dict())
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not match the model: {len(missing)} missing keys "
+                             f"{missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}")
+        self.load_state_dict(state, strict=False)
+
+    # ----------------------------------------------------------------- stages
+    def text_embeddings(self, vocab: Vocabulary, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLIP text embeddings of every synonym with `prompt`, cached per vocabulary."""
+        texts, syn_to_class = vocab.synonyms_flat()
+        emb = self.text_cache.get(self.clip, self.model_key, prompt, texts)
+        return emb.to(self.device), syn_to_class.to(self.device)
+
+    def extract_features(self, image01: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Fused multi-scale diffusion features of padded images (B,3,Hp,Wp) in [0,1]; frozen, no grad."""
+        with torch.no_grad():
+            return self.backbone(image01.to(self.device))
+
+    def forward_heads(self, features: dict[str, torch.Tensor], vocab: Vocabulary) -> dict[str, Any]:
+        """Pixel decoder, transformer decoder and category head; differentiable (used by training)."""
+        mask_features, multi_scale = self.sem_seg_head.pixel_decoder(features)
+        out = self.sem_seg_head.predictor(multi_scale, mask_features)
+        text, syn_to_class = self.text_embeddings(vocab, self.cfg.head.label_prompt)
+        k = len(vocab)
+        result = {
+            "pred_masks": out["pred_masks"],
+            "mask_embed": out["mask_embed"],
+            "pred_logits": self.category_head(out["mask_embed"], text, syn_to_class, k),
+            "aux_outputs": [
+                {"pred_masks": aux["pred_masks"],
+                 "pred_logits": self.category_head(aux["mask_embed"], text, syn_to_class, k)}
+                for aux in out["aux_outputs"]
+            ],
+        }
+        return result
+
+    def classify_with_clip(self, image01: torch.Tensor, mask_logits: torch.Tensor, vocab: Vocabulary) -> torch.Tensor:
+        """MaskCLIP logits (B,Q,K) of the unpadded image with masks cropped to the same region."""
+        text, syn_to_class = self.text_embeddings(vocab, self.cfg.head.clip_prompt)
+        embeds = self.clip.mask_embeddings(image01, mask_logits)
+        return clip_class_logits(embeds, text, syn_to_class, len(vocab))
+
+    # ----------------------------------------------------------------- inference
+    def _autocast(self):
+        if self.device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.autocast("cuda", dtype=dtype)
+        return nullcontext()
+
+    @torch.inference_mode()
+    def predict_raw(self, image: Any, vocab: Vocabulary, mode: str = "panoptic") -> RawPrediction:
+        """Segments plus per-query class probabilities and mask logits for one image."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if len(vocab) == 0:
+            raise ValueError("the vocabulary is empty: give at least one class")
+        timings: dict[str, float] = {}
+        t = time.perf_counter()
+        array = load_image(image)
+        prep: Prepared = prepare(array, self.cfg.backbone)
+        timings["preprocess"] = time.perf_counter() - t
+
+        with self._autocast():
+            t = time.perf_counter()
+            features = self.extract_features(prep.tensor)
+            timings["backbone"] = time.perf_counter() - t
+            t = time.perf_counter()
+            out = self.forward_heads(features, vocab)
+            timings["heads"] = time.perf_counter() - t
+
+            t = time.perf_counter()
+            h, w = prep.resized_size
+            hp, wp = prep.tensor.shape[-2:]
+            masks = nn.functional.interpolate(out["pred_masks"].float(), size=(hp, wp), mode="bilinear",
+                                              align_corners=False)[..., :h, :w]
+            image01 = prep.tensor[..., :h, :w].to(self.device)
+            clip_logits = self.classify_with_clip(image01, masks, vocab)
+            timings["clip_classifier"] = time.perf_counter() - t
+
+        probs = geometric_ensemble(out["pred_logits"].float(), clip_logits.float(), is_base(vocab).to(self.device),
+                                   self.cfg.head.alpha, self.cfg.head.beta)[0]
+        mask_logits = masks[0]
+        t = time.perf_counter()
+        segments = self._postprocess(probs, mask_logits, vocab, prep, mode)
+        timings["postprocess"] = time.perf_counter() - t
+        return RawPrediction(segments=segments, class_probs=probs.cpu(), mask_logits=mask_logits.cpu(),
+                             image_size=prep.original_size, timings=timings)
+
+    def predict(self, image: Any, vocab: Vocabulary, mode: str = "panoptic") -> list[Segment]:
+        """Panoptic (or instance/semantic) segments of one image at its original size."""
+        return self.predict_raw(image, vocab, mode).segments
+
+    def _postprocess(self, probs: torch.Tensor, mask_logits: torch.Tensor, vocab: Vocabulary, prep: Prepared,
+                     mode: str) -> list[Segment]:
+        head = self.cfg.head
+        is_thing = vocab.is_thing.to(probs.device)
+        if mode == "semantic":
+            full = resize_mask_logits(mask_logits, prep.resized_size, prep.resized_size, prep.original_size)
+            sem = semantic_inference(probs, full)
+            labels = sem.argmax(0).cpu().numpy()
+            return [Segment(mask=labels == k, class_index=int(k), score=float(sem[k][labels == k].mean()),
+                            is_thing=bool(vocab.is_thing[k])) for k in np.unique(labels)]
+        if mode == "instance":
+            full = resize_mask_logits(mask_logits, prep.resized_size, prep.resized_size, prep.original_size)
+            return instance_inference(probs, full, is_thing, head.max_instances)
+        # Only queries that can survive panoptic filtering are upsampled to full size: saves memory on big images.
+        scores, labels = probs[:, :-1].max(-1)
+        keep = (probs.argmax(-1) != probs.shape[-1] - 1) & (scores > head.object_mask_threshold)
+        index = keep.nonzero().flatten()
+        full = resize_mask_logits(mask_logits[index], prep.resized_size, prep.resized_size, prep.original_size)
+        _, segments = panoptic_inference(probs[index], full, is_thing, head.object_mask_threshold,
+                                         head.overlap_threshold, head.mask_threshold)
+        for seg in segments:
+            seg.query_index = int(index[seg.query_index]) if seg.query_index >= 0 else seg.query_index
+        return segments
