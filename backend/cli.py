@@ -22,8 +22,65 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="odise-ls", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    _ = sub
+    _add_predict(sub)
     return parser
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="segment images: overlay PNG + COCO-style panoptic/RLE JSON per image")
+    p.add_argument("images", nargs="+", help="image files")
+    vocab = p.add_mutually_exclusive_group(required=True)
+    vocab.add_argument("--labels", help='vocabulary, e.g. "cat,dog:puppy|doggy,grass"')
+    vocab.add_argument("--dataset", choices=["coco", "ade20k"], help="a bundled vocabulary with synonyms")
+    p.add_argument("--mode", choices=["panoptic", "instance", "semantic"], default="panoptic")
+    p.add_argument("--out", default="out", help="output directory")
+    _add_model_args(p)
+    p.set_defaults(func=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from odise_core.config import get_config
+    from odise_core.model import ODISE
+    from odise_core.preprocess import load_image
+    from odise_core.visualize import overlay
+    from odise_core.vocabulary import Vocabulary
+    from odise_core.weights import WeightsMissingError
+
+    from backend.exports import segments_to_coco_json
+
+    if args.weights_dir:
+        import os
+        os.environ["ODISE_WEIGHTS_DIR"] = args.weights_dir
+    vocab = Vocabulary.from_text(args.labels) if args.labels else (
+        Vocabulary.coco_panoptic() if args.dataset == "coco" else Vocabulary.ade20k_150())
+    try:
+        model = ODISE.from_config(get_config(args.preset), device=args.device)
+    except WeightsMissingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    for path in tqdm(args.images, desc="predict", unit="img"):
+        try:
+            image = load_image(path)
+            raw = model.predict_raw(image, vocab, mode=args.mode)
+        except (OSError, ValueError) as e:
+            failures += 1
+            logging.getLogger("odise-ls").error("%s: %s", path, e)
+            continue
+        stem = Path(path).stem
+        overlay(image, raw.segments, vocab.names).save(out / f"{stem}.png")
+        record = segments_to_coco_json(raw.segments, vocab, file_name=Path(path).name, image_size=raw.image_size)
+        record["model_version"] = model.version
+        (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
+    print(f"{len(args.images) - failures} image(s) written to {out}, {failures} failed", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def main(argv: list[str] | None = None) -> int:
