@@ -1,0 +1,176 @@
+"""Export segments as COCO panoptic (PNG + JSON) and COCO instances (RLE) datasets.
+
+Lets a dataset bootstrapped in Label Studio leave it for training elsewhere. Panoptic ids are
+encoded in the PNG as id = R + 256 * G + 256**2 * B, as in the COCO panoptic format.
+"""
+from __future__ import annotations
+
+import colorsys
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from odise_core.types import Segment
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Category:
+    """One COCO category; `Segment.class_index` indexes the exporter's category list."""
+
+    id: int
+    name: str
+    isthing: bool
+    color: tuple[int, int, int] = (0, 0, 0)
+
+
+@dataclass
+class ExportImage:
+    """One image and its segments (masks at the image's size)."""
+
+    id: int
+    file_name: str
+    height: int
+    width: int
+    segments: list[Segment] = field(default_factory=list)
+
+
+def make_categories(names: Sequence[str], is_thing: Sequence[bool]) -> list[Category]:
+    """Categories with ids 1..K in vocabulary order and well-separated display colours."""
+    out = []
+    for i, (name, thing) in enumerate(zip(names, is_thing, strict=True)):
+        r, g, b = colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.65, 0.95)
+        out.append(Category(i + 1, str(name), bool(thing), (int(r * 255), int(g * 255), int(b * 255))))
+    return out
+
+
+def id_to_rgb(ids: np.ndarray) -> np.ndarray:
+    """Panoptic segment ids (H, W) -> RGB uint8 (H, W, 3) with id = R + 256 G + 256^2 B."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if ids.min(initial=0) < 0 or ids.max(initial=0) >= 256**3:
+        raise ValueError("panoptic ids must lie in [0, 256**3)")
+    return np.stack([ids % 256, (ids // 256) % 256, ids // 256**2], axis=-1).astype(np.uint8)
+
+
+def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
+    """RGB (H, W, 3) -> panoptic segment ids (H, W) int64; inverse of `id_to_rgb`."""
+    rgb = np.asarray(rgb, dtype=np.int64)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 256**2 * rgb[..., 2]
+
+
+def _bbox(mask: np.ndarray) -> list[int]:
+    """[x, y, w, h] of a non-empty boolean mask."""
+    ys, xs = np.nonzero(mask)
+    return [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
+
+
+def _check(image: ExportImage, categories: Sequence[Category]) -> None:
+    for seg in image.segments:
+        if seg.mask.shape != (image.height, image.width):
+            raise ValueError(f"{image.file_name}: mask shape {seg.mask.shape} != image size "
+                             f"{(image.height, image.width)}")
+        if not 0 <= seg.class_index < len(categories):
+            raise ValueError(f"{image.file_name}: class index {seg.class_index} outside the "
+                             f"{len(categories)} categories")
+
+
+def panoptic_map(image: ExportImage, categories: Sequence[Category]) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Paint the segments into one id map (0 = void) and describe them as COCO `segments_info`.
+
+    Overlaps go to the higher-scoring segment; the segments of one stuff category merge into one,
+    as the panoptic format allows a single segment per stuff class.
+    """
+    _check(image, categories)
+    groups: dict[tuple[int, int], list[Segment]] = {}
+    for i, seg in enumerate(image.segments):
+        key = (seg.class_index, -1) if not categories[seg.class_index].isthing else (seg.class_index, i)
+        groups.setdefault(key, []).append(seg)
+    ids = np.zeros((image.height, image.width), dtype=np.int64)
+    order = sorted(groups.values(), key=lambda segs: max(s.score for s in segs))
+    info = []
+    for new_id, segs in enumerate(order, start=1):
+        mask = np.logical_or.reduce([s.mask for s in segs])
+        ids[mask] = new_id
+        info.append({"id": new_id, "category_id": categories[segs[0].class_index].id, "iscrowd": 0})
+    kept = []
+    for entry in info:
+        mask = ids == entry["id"]
+        if mask.any():
+            kept.append({**entry, "area": int(mask.sum()), "bbox": _bbox(mask)})
+    return ids, kept
+
+
+def _categories_json(categories: Sequence[Category]) -> list[dict[str, Any]]:
+    return [{"id": c.id, "name": c.name, "supercategory": "thing" if c.isthing else "stuff",
+             "isthing": int(c.isthing), "color": list(c.color)} for c in categories]
+
+
+def _image_json(image: ExportImage) -> dict[str, Any]:
+    return {"id": image.id, "file_name": image.file_name, "height": image.height, "width": image.width}
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
+def export_coco_panoptic(images: Iterable[ExportImage], categories: Sequence[Category], out_dir: str | Path,
+                         name: str = "panoptic") -> Path:
+    """Write `out_dir/<name>/<image stem>.png` and `out_dir/<name>.json`; returns the JSON path."""
+    out_dir = Path(out_dir)
+    png_dir = out_dir / name
+    png_dir.mkdir(parents=True, exist_ok=True)
+    images_json, annotations = [], []
+    for image in images:
+        ids, info = panoptic_map(image, categories)
+        png_name = f"{Path(image.file_name).stem}.png"
+        Image.fromarray(id_to_rgb(ids)).save(png_dir / png_name)
+        images_json.append(_image_json(image))
+        annotations.append({"image_id": image.id, "file_name": png_name, "segments_info": info})
+    path = out_dir / f"{name}.json"
+    _write_json(path, {"info": {"description": "exported by odise-label-studio"}, "licenses": [],
+                       "images": images_json, "annotations": annotations,
+                       "categories": _categories_json(categories)})
+    log.info("wrote COCO panoptic: %d images, %d segments -> %s", len(images_json),
+             sum(len(a["segments_info"]) for a in annotations), path)
+    return path
+
+
+def encode_rle(mask: np.ndarray) -> dict[str, Any]:
+    """COCO compressed RLE of a boolean mask, JSON-ready (counts as str)."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def export_coco_instances(images: Iterable[ExportImage], categories: Sequence[Category], out_path: str | Path,
+                          with_scores: bool = False) -> Path:
+    """Write the thing segments as COCO instances JSON (RLE masks); stuff segments are left out."""
+    images_json, annotations = [], []
+    for image in images:
+        _check(image, categories)
+        images_json.append(_image_json(image))
+        for seg in image.segments:
+            if not categories[seg.class_index].isthing or not seg.mask.any():
+                continue
+            rle = encode_rle(seg.mask)
+            ann = {"id": len(annotations) + 1, "image_id": image.id, "category_id": categories[seg.class_index].id,
+                   "segmentation": rle, "area": float(mask_utils.area({**rle, "counts": rle["counts"].encode()})),
+                   "bbox": [float(v) for v in _bbox(seg.mask)], "iscrowd": 0}
+            if with_scores:
+                ann["score"] = float(seg.score)
+            annotations.append(ann)
+    things = [c for c in categories if c.isthing]
+    path = Path(out_path)
+    _write_json(path, {"info": {"description": "exported by odise-label-studio"}, "licenses": [],
+                       "images": images_json, "annotations": annotations, "categories": _categories_json(things)})
+    log.info("wrote COCO instances: %d images, %d instances -> %s", len(images_json), len(annotations), path)
+    return path

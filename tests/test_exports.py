@@ -1,0 +1,102 @@
+"""COCO panoptic / instances exports decode back to the masks and classes that went in."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools.coco import COCO
+
+from backend.exports import (ExportImage, export_coco_instances, export_coco_panoptic, id_to_rgb, make_categories,
+                             panoptic_map, rgb_to_id)
+from odise_core.synthetic import CLASS_NAMES, IS_THING, make_scene
+from odise_core.types import Segment
+
+CATEGORIES = make_categories(CLASS_NAMES, IS_THING)
+
+
+def _scenes(n: int = 3) -> list[ExportImage]:
+    out = []
+    for i in range(n):
+        scene = make_scene(seed=10 + i, size=(96, 128), max_shapes=3)
+        segs = [Segment(m, int(c), 0.5 + 0.1 * j, IS_THING[int(c)]) for j, (m, c) in
+                enumerate(zip(scene.masks, scene.classes))]
+        out.append(ExportImage(i + 1, f"scene_{i}.jpg", 96, 128, segs))
+    return out
+
+
+def test_id_rgb_encoding_uses_all_three_channels():
+    assert id_to_rgb(np.array([[1 + 256 * 2 + 256**2 * 3]])).tolist() == [[[1, 2, 3]]]
+    ids = np.arange(0, 70_000, 7, dtype=np.int64).reshape(1, -1)
+    assert np.array_equal(rgb_to_id(id_to_rgb(ids)), ids)
+    with pytest.raises(ValueError):
+        id_to_rgb(np.array([256**3]))
+
+
+def test_panoptic_round_trip(tmp_path):
+    images = _scenes()
+    path = export_coco_panoptic(images, CATEGORIES, tmp_path)
+    data = json.loads(path.read_text())
+    assert [c["isthing"] for c in data["categories"]] == [int(t) for t in IS_THING]
+    assert [c["name"] for c in data["categories"]] == list(CLASS_NAMES)
+    cat_index = {c["id"]: i for i, c in enumerate(data["categories"])}
+    for image, img_json, ann in zip(images, data["images"], data["annotations"]):
+        assert img_json == {"id": image.id, "file_name": image.file_name, "height": 96, "width": 128}
+        assert ann["image_id"] == image.id
+        rgb = np.asarray(Image.open(tmp_path / "panoptic" / ann["file_name"]).convert("RGB"))
+        ids = rgb_to_id(rgb)
+        decoded = sorted((cat_index[s["category_id"]], (ids == s["id"]).tobytes()) for s in ann["segments_info"])
+        expected = sorted((s.class_index, s.mask.tobytes()) for s in image.segments)
+        assert decoded == expected
+        for s in ann["segments_info"]:
+            mask = ids == s["id"]
+            ys, xs = np.nonzero(mask)
+            assert s["area"] == mask.sum()
+            assert s["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+        assert set(np.unique(ids)) <= {0} | {s["id"] for s in ann["segments_info"]}
+
+
+def test_panoptic_overlaps_go_to_higher_score_and_stuff_merges():
+    h, w = 20, 30
+    left = np.zeros((h, w), bool)
+    left[:, :10] = True
+    right = np.zeros((h, w), bool)
+    right[:, 20:] = True
+    low = np.zeros((h, w), bool)
+    low[5:15, 5:25] = True
+    high = np.zeros((h, w), bool)
+    high[8:12, 8:22] = True
+    stuff = CLASS_NAMES.index("stripes background")
+    segs = [Segment(left, stuff, 0.5, False), Segment(right, stuff, 0.2, False),
+            Segment(low, 0, 0.6, True), Segment(high, 1, 0.8, True)]
+    ids, info = panoptic_map(ExportImage(1, "x.png", h, w, segs), CATEGORIES)
+    by_cat = {s["category_id"]: s for s in info}
+    assert len(info) == 3
+    assert np.array_equal(ids == by_cat[stuff + 1]["id"], (left | right) & ~low)
+    assert np.array_equal(ids == by_cat[2]["id"], high)
+    assert np.array_equal(ids == by_cat[1]["id"], low & ~high)
+    assert (ids == 0).sum() == h * w - ((left | right | low)).sum()
+
+
+def test_instances_round_trip_through_pycocotools(tmp_path):
+    images = _scenes()
+    path = export_coco_instances(images, CATEGORIES, tmp_path / "instances.json", with_scores=True)
+    coco = COCO(str(path))
+    assert sorted(coco.getCatIds()) == [c.id for c in CATEGORIES if c.isthing]
+    for image in images:
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=[image.id]))
+        things = [s for s in image.segments if IS_THING[s.class_index]]
+        assert len(anns) == len(things)
+        for ann, seg in zip(anns, things):
+            assert ann["category_id"] == seg.class_index + 1
+            assert np.array_equal(coco.annToMask(ann).astype(bool), seg.mask)
+            assert ann["area"] == seg.mask.sum()
+            assert ann["score"] == pytest.approx(seg.score)
+    assert coco.loadImgs([2])[0]["file_name"] == "scene_1.jpg"
+
+
+def test_mask_of_wrong_size_is_rejected(tmp_path):
+    bad = ExportImage(1, "a.jpg", 10, 10, [Segment(np.ones((5, 5), bool), 0, 1.0, True)])
+    with pytest.raises(ValueError, match="mask shape"):
+        export_coco_instances([bad], CATEGORIES, tmp_path / "i.json")
