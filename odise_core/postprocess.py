@@ -1,0 +1,102 @@
+"""Panoptic, instance and semantic outputs from per-query class probabilities and mask logits (Mask2Former rules)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from odise_core.types import Segment
+
+
+def resize_mask_logits(mask_logits: torch.Tensor, padded_size: tuple[int, int], resized_size: tuple[int, int],
+                       original_size: tuple[int, int]) -> torch.Tensor:
+    """(Q,h,w) logits -> bilinear to the padded canvas, crop the valid (resized) region, bilinear to the original."""
+    x = mask_logits[None].float()
+    if tuple(x.shape[-2:]) != tuple(padded_size):
+        x = F.interpolate(x, size=tuple(padded_size), mode="bilinear", align_corners=False)
+    x = x[..., : resized_size[0], : resized_size[1]]
+    if tuple(x.shape[-2:]) != tuple(original_size):
+        x = F.interpolate(x, size=tuple(original_size), mode="bilinear", align_corners=False)
+    return x[0]
+
+
+def panoptic_inference(probs: torch.Tensor, mask_logits: torch.Tensor, is_thing: torch.Tensor,
+                       object_mask_threshold: float = 0.0, overlap_threshold: float = 0.8,
+                       mask_threshold: float = 0.5) -> tuple[torch.Tensor, list[Segment]]:
+    """Panoptic map (H,W) int32 with 0 = void, ids 1..N matching the returned segments' order.
+
+    Queries whose best class is "no object" or whose score <= object_mask_threshold are dropped;
+    each pixel goes to argmax(score * sigmoid(mask)); a segment keeps its pixels with
+    sigmoid >= mask_threshold and needs (pixels won / pixels of its own mask) >= overlap_threshold;
+    stuff segments of the same class merge into one.
+    """
+    num_classes = probs.shape[-1] - 1
+    h, w = mask_logits.shape[-2:]
+    panoptic = torch.zeros((h, w), dtype=torch.int32, device=mask_logits.device)
+    scores, labels = probs.max(-1)
+    keep = (labels != num_classes) & (scores > object_mask_threshold)
+    index = keep.nonzero().flatten()
+    if index.numel() == 0:
+        return panoptic, []
+    masks = mask_logits[index].float().sigmoid()
+    cur_scores, cur_labels = scores[index], labels[index]
+    owner = (cur_scores.view(-1, 1, 1).to(masks) * masks).argmax(0)
+    segments: list[Segment] = []
+    stuff_segment: dict[int, int] = {}  # class -> position in `segments`
+    for k in range(index.numel()):
+        cls = int(cur_labels[k])
+        won = owner == k
+        own = masks[k] >= mask_threshold
+        won_area, own_area = int(won.sum()), int(own.sum())
+        region = won & own
+        if won_area == 0 or own_area == 0 or not bool(region.any()):
+            continue
+        if won_area / own_area < overlap_threshold:
+            continue
+        thing = bool(is_thing[cls])
+        if not thing and cls in stuff_segment:
+            pos = stuff_segment[cls]
+            panoptic[region] = pos + 1
+            seg = segments[pos]
+            seg.mask = seg.mask | region.cpu().numpy()
+            seg.score = max(seg.score, float(cur_scores[k]))
+            continue
+        panoptic[region] = len(segments) + 1
+        if not thing:
+            stuff_segment[cls] = len(segments)
+        segments.append(Segment(mask=region.cpu().numpy(), class_index=cls, score=float(cur_scores[k]),
+                                is_thing=thing, query_index=int(index[k])))
+    return panoptic, segments
+
+
+def instance_inference(probs: torch.Tensor, mask_logits: torch.Tensor, is_thing: torch.Tensor,
+                       max_instances: int = 100, things_only: bool = True) -> list[Segment]:
+    """Top (query, class) pairs by class probability, scored class prob * mean mask prob inside the mask.
+
+    Pairs whose mask (logit > 0) is empty are skipped. As in the reference's panoptic-on setting, only thing classes are kept unless `things_only` is False.
+    """
+    q, k1 = probs.shape
+    num_classes = k1 - 1
+    cls_scores = probs[:, :-1].flatten()
+    top = min(max_instances, cls_scores.numel())
+    top_scores, top_index = cls_scores.topk(top, sorted=True)
+    queries = torch.div(top_index, num_classes, rounding_mode="floor")
+    classes = top_index % num_classes
+    out: list[Segment] = []
+    for score, qi, cls in zip(top_scores.tolist(), queries.tolist(), classes.tolist()):
+        thing = bool(is_thing[cls])
+        if things_only and not thing:
+            continue
+        logits = mask_logits[qi].float()
+        binary = logits > 0
+        mask_score = float((logits.sigmoid() * binary).sum() / (binary.sum() + 1e-6))
+        if not bool(binary.any()):
+            continue
+        out.append(Segment(mask=binary.cpu().numpy(), class_index=int(cls), score=score * mask_score,
+                           is_thing=thing, query_index=int(qi)))
+    out.sort(key=lambda s: s.score, reverse=True)
+    return out
+
+
+def semantic_inference(probs: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
+    """Per-class score maps (K,H,W): sum over queries of class prob * sigmoid(mask)."""
+    return torch.einsum("qc,qhw->chw", probs[:, :-1].float(), mask_logits.float().sigmoid())
