@@ -51,6 +51,11 @@ def make_categories(names: Sequence[str], is_thing: Sequence[bool]) -> list[Cate
     return out
 
 
+def categories_from_vocabulary(vocab: Any) -> list[Category]:
+    """Categories of an odise_core Vocabulary (names and thing/stuff flags), ids 1..K."""
+    return make_categories(list(vocab.names), [bool(t) for t in vocab.is_thing])
+
+
 def id_to_rgb(ids: np.ndarray) -> np.ndarray:
     """Panoptic segment ids (H, W) -> RGB uint8 (H, W, 3) with id = R + 256 G + 256^2 B."""
     ids = np.asarray(ids, dtype=np.int64)
@@ -174,3 +179,21 @@ def export_coco_instances(images: Iterable[ExportImage], categories: Sequence[Ca
                        "images": images_json, "annotations": annotations, "categories": _categories_json(things)})
     log.info("wrote COCO instances: %d images, %d instances -> %s", len(images_json), len(annotations), path)
     return path
+
+
+def segments_to_coco_json(segments: Sequence[Segment], vocab: Any, file_name: str,
+                          image_size: tuple[int, int]) -> dict[str, Any]:
+    """One image's segments as a self-contained COCO-style record: categories + RLE segments with scores."""
+    categories = categories_from_vocabulary(vocab)
+    h, w = image_size
+    _check(ExportImage(0, file_name, h, w, list(segments)), categories)
+    out = []
+    for i, seg in enumerate(segments, start=1):
+        if not seg.mask.any():
+            continue
+        cat = categories[seg.class_index]
+        out.append({"id": i, "category_id": cat.id, "category": cat.name, "isthing": int(cat.isthing),
+                    "score": round(float(seg.score), 4), "area": int(seg.mask.sum()),
+                    "bbox": _bbox(seg.mask), "segmentation": encode_rle(seg.mask)})
+    return {"file_name": file_name, "height": h, "width": w, "categories": _categories_json(categories),
+            "segments": out}

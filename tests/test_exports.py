@@ -100,3 +100,22 @@ def test_mask_of_wrong_size_is_rejected(tmp_path):
     bad = ExportImage(1, "a.jpg", 10, 10, [Segment(np.ones((5, 5), bool), 0, 1.0, True)])
     with pytest.raises(ValueError, match="mask shape"):
         export_coco_instances([bad], CATEGORIES, tmp_path / "i.json")
+
+
+def test_segments_to_coco_json_record_decodes_back():
+    from types import SimpleNamespace
+
+    from pycocotools import mask as mask_utils
+
+    from backend.exports import segments_to_coco_json
+
+    vocab = SimpleNamespace(names=list(CLASS_NAMES), is_thing=list(IS_THING))
+    image = _scenes(1)[0]
+    record = json.loads(json.dumps(segments_to_coco_json(image.segments, vocab, "scene_0.jpg", (96, 128))))
+    assert (record["file_name"], record["height"], record["width"]) == ("scene_0.jpg", 96, 128)
+    assert len(record["segments"]) == len(image.segments)
+    for rec, seg in zip(record["segments"], image.segments):
+        assert rec["category"] == CLASS_NAMES[seg.class_index] and rec["isthing"] == int(seg.is_thing)
+        rle = {**rec["segmentation"], "counts": rec["segmentation"]["counts"].encode()}
+        assert np.array_equal(mask_utils.decode(rle).astype(bool), seg.mask)
+        assert rec["score"] == pytest.approx(seg.score, abs=1e-4)
