@@ -118,10 +118,13 @@ class ODISE(nn.Module):
         result = {
             "pred_masks": out["pred_masks"],
             "mask_embed": out["mask_embed"],
-            "pred_logits": self.category_head(out["mask_embed"], text, syn_to_class, k),
+            "pred_logits": self.category_head(out["mask_embed"], text, syn_to_class, k, logit_scale=out["logit_scale"],
+                                              binary_logits=out.get("pred_logits")),
             "aux_outputs": [
                 {"pred_masks": aux["pred_masks"],
-                 "pred_logits": self.category_head(aux["mask_embed"], text, syn_to_class, k)}
+                 "pred_logits": self.category_head(aux["mask_embed"], text, syn_to_class, k,
+                                                   logit_scale=out["logit_scale"],
+                                                   binary_logits=aux.get("pred_logits"))}
                 for aux in out["aux_outputs"]
             ],
         }
