@@ -1,0 +1,390 @@
+"""Mask2Former's Hungarian matcher and set criterion, and a fine-tune loop for ODISE's heads.
+
+Losses as in ODISE training: class cross-entropy (weight 2, no-object weight 0.1), sigmoid BCE (5)
+and dice (5) on 12,544 importance-sampled points, on the final and every auxiliary prediction;
+matching uses the same three costs. The fine-tune loop keeps SD and CLIP frozen and caches the
+fused diffusion features of each augmented training view, so the backbone runs once per view.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+
+if TYPE_CHECKING:
+    from odise_core.model import ODISE
+    from odise_core.vocabulary import Vocabulary
+
+log = logging.getLogger(__name__)
+
+Target = dict[str, torch.Tensor]  # "labels" (N,) long, "masks" (N,H,W) float/bool
+
+
+# ---------------------------------------------------------------------------------------------- point sampling
+def point_sample(maps: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """Bilinear values of maps (R,C,H,W) at coords (R,P,2) in [0,1] as (x, y): (R,C,P)."""
+    return F.grid_sample(maps, (2.0 * coords - 1.0).unsqueeze(2), mode="bilinear", align_corners=False).squeeze(3)
+
+
+def uncertain_point_coords(logits: torch.Tensor, num_points: int, oversample_ratio: float,
+                           importance_sample_ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """PointRend sampling for (R,1,H,W) logits: the most uncertain (|logit| smallest) of an oversampled
+    random set, plus uniformly random points. Returns (R, num_points, 2)."""
+    r = logits.shape[0]
+    num_sampled = int(num_points * oversample_ratio)
+    coords = torch.rand(r, num_sampled, 2, generator=generator, device="cpu").to(logits.device)
+    uncertainty = -point_sample(logits, coords).abs()[:, 0]
+    num_uncertain = int(importance_sample_ratio * num_points)
+    idx = uncertainty.topk(num_uncertain, dim=1).indices
+    chosen = torch.gather(coords, 1, idx[..., None].expand(-1, -1, 2))
+    num_random = num_points - num_uncertain
+    if num_random > 0:
+        extra = torch.rand(r, num_random, 2, generator=generator, device="cpu").to(logits.device)
+        chosen = torch.cat([chosen, extra], dim=1)
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------------- losses
+def dice_loss(logits: torch.Tensor, targets: torch.Tensor, num_masks: float) -> torch.Tensor:
+    """Sum over masks of 1 - (2|p.t| + 1) / (|p| + |t| + 1), divided by num_masks."""
+    p = logits.sigmoid().flatten(1)
+    num = 2 * (p * targets).sum(-1)
+    den = p.sum(-1) + targets.sum(-1)
+    return (1 - (num + 1) / (den + 1)).sum() / num_masks
+
+
+def sigmoid_ce_loss(logits: torch.Tensor, targets: torch.Tensor, num_masks: float) -> torch.Tensor:
+    """Mean-over-points BCE per mask, summed over masks, divided by num_masks."""
+    return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(1).sum() / num_masks
+
+
+def pairwise_dice_cost(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Dice cost between every prediction (Q,P) and target (N,P): (Q,N)."""
+    p = logits.sigmoid()
+    num = 2 * p @ targets.t()
+    den = p.sum(-1)[:, None] + targets.sum(-1)[None, :]
+    return 1 - (num + 1) / (den + 1)
+
+
+def pairwise_bce_cost(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean-over-points BCE between every prediction (Q,P) and target (N,P): (Q,N)."""
+    pos = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")
+    neg = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
+    return (pos @ targets.t() + neg @ (1 - targets).t()) / logits.shape[1]
+
+
+# ---------------------------------------------------------------------------------------------- matcher
+class HungarianMatcher(nn.Module):
+    """One-to-one assignment of queries to targets minimising class + BCE + dice costs on shared random points."""
+
+    def __init__(self, cost_class: float = 2.0, cost_mask: float = 5.0, cost_dice: float = 5.0,
+                 num_points: int = 12544):
+        super().__init__()
+        if cost_class == 0 and cost_mask == 0 and cost_dice == 0:
+            raise ValueError("at least one matching cost must be non-zero")
+        self.cost_class, self.cost_mask, self.cost_dice, self.num_points = cost_class, cost_mask, cost_dice, num_points
+
+    @torch.no_grad()
+    def forward(self, outputs: dict[str, torch.Tensor], targets: list[Target],
+                generator: torch.Generator | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per image, (query indices, target indices) of the optimal assignment."""
+        indices = []
+        for b, tgt in enumerate(targets):
+            labels = tgt["labels"]
+            if labels.numel() == 0:
+                empty = torch.zeros(0, dtype=torch.int64)
+                indices.append((empty, empty))
+                continue
+            prob = outputs["pred_logits"][b].float().softmax(-1)
+            cost_class = -prob[:, labels]
+            out_mask = outputs["pred_masks"][b][:, None].float()
+            tgt_mask = tgt["masks"][:, None].to(out_mask)
+            coords = torch.rand(1, self.num_points, 2, generator=generator, device="cpu").to(out_mask.device)
+            out_pts = point_sample(out_mask, coords.expand(out_mask.shape[0], -1, -1))[:, 0]
+            tgt_pts = point_sample(tgt_mask, coords.expand(tgt_mask.shape[0], -1, -1))[:, 0]
+            cost = (self.cost_mask * pairwise_bce_cost(out_pts, tgt_pts) + self.cost_class * cost_class
+                    + self.cost_dice * pairwise_dice_cost(out_pts, tgt_pts))
+            rows, cols = linear_sum_assignment(cost.cpu().numpy())
+            indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+        return indices
+
+
+# ---------------------------------------------------------------------------------------------- criterion
+class SetCriterion(nn.Module):
+    """Class CE (no-object weighted), mask BCE and dice on importance-sampled points, final + aux outputs.
+
+    `empty_weight` (num_classes + 1,) is a persistent buffer, as `criterion.empty_weight` in the checkpoint.
+    """
+
+    def __init__(self, num_classes: int, matcher: HungarianMatcher | None = None, class_weight: float = 2.0,
+                 mask_weight: float = 5.0, dice_weight: float = 5.0, eos_coef: float = 0.1,
+                 num_points: int = 12544, oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75):
+        super().__init__()
+        self.num_classes = num_classes
+        self.matcher = matcher or HungarianMatcher(class_weight, mask_weight, dice_weight, num_points)
+        self.weight_dict = {"loss_ce": class_weight, "loss_mask": mask_weight, "loss_dice": dice_weight}
+        self.eos_coef = eos_coef
+        empty_weight = torch.ones(num_classes + 1)
+        empty_weight[-1] = eos_coef
+        self.register_buffer("empty_weight", empty_weight)
+        self.num_points, self.oversample_ratio = num_points, oversample_ratio
+        self.importance_sample_ratio = importance_sample_ratio
+
+    def loss_labels(self, outputs: dict[str, torch.Tensor], targets: list[Target],
+                    indices: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        logits = outputs["pred_logits"].float()
+        if logits.shape[-1] != self.num_classes + 1:
+            raise ValueError(f"pred_logits has {logits.shape[-1]} columns, criterion expects {self.num_classes + 1}")
+        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
+        for b, ((src, tgt), t) in enumerate(zip(indices, targets)):
+            target_classes[b, src.to(logits.device)] = t["labels"][tgt.to(t["labels"].device)].to(logits.device)
+        return F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight.to(logits.device))
+
+    def loss_masks(self, outputs: dict[str, torch.Tensor], targets: list[Target],
+                   indices: list[tuple[torch.Tensor, torch.Tensor]], num_masks: float,
+                   generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        pred = outputs["pred_masks"]
+        src = torch.cat([pred[b, s.to(pred.device)] for b, (s, _) in enumerate(indices)])
+        if src.shape[0] == 0:
+            zero = pred.sum() * 0.0
+            return zero, zero
+        tgt = torch.cat([t["masks"][j.to(t["masks"].device)].to(pred) for t, (_, j) in zip(targets, indices)])
+        src, tgt = src[:, None].float(), tgt[:, None].float()
+        with torch.no_grad():
+            coords = uncertain_point_coords(src, self.num_points, self.oversample_ratio,
+                                            self.importance_sample_ratio, generator)
+            labels = point_sample(tgt, coords)[:, 0]
+        logits = point_sample(src, coords)[:, 0]
+        return sigmoid_ce_loss(logits, labels, num_masks), dice_loss(logits, labels, num_masks)
+
+    def forward(self, outputs: dict[str, Any], targets: list[Target],
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Unweighted losses: loss_ce/loss_mask/loss_dice for the final output and `_{i}` for aux output i."""
+        num_masks = max(float(sum(len(t["labels"]) for t in targets)), 1.0)
+        losses: dict[str, torch.Tensor] = {}
+        stages = [("", outputs)] + [(f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))]
+        for suffix, out in stages:
+            indices = self.matcher(out, targets, generator=generator)
+            losses["loss_ce" + suffix] = self.loss_labels(out, targets, indices)
+            bce, dice = self.loss_masks(out, targets, indices, num_masks, generator)
+            losses["loss_mask" + suffix] = bce
+            losses["loss_dice" + suffix] = dice
+        return losses
+
+    def weighted_total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Sum of every loss times its weight (2 class, 5 BCE, 5 dice)."""
+        return sum(self.weight_dict[re.sub(r"_\d+$", "", k)] * v for k, v in losses.items())
+
+
+# ---------------------------------------------------------------------------------------------- fine-tuning
+@dataclass
+class TrainSample:
+    """One accepted annotation: image plus per-instance masks and class indices into the vocabulary."""
+
+    image: np.ndarray  # (H, W, 3) uint8 RGB
+    masks: np.ndarray  # (N, H, W) bool
+    classes: np.ndarray  # (N,) int
+
+
+TRAINABLE_PARTS = ("pixel_decoder", "predictor", "category_head")
+
+
+@dataclass
+class FinetuneOptions:
+    """Fine-tune settings. `trainable` names head parts: pixel_decoder, predictor, category_head.
+
+    Each image gets `views_per_image` augmented views (view 0 unaugmented; others random flip and
+    scale jitter, then a random `crop`-sized window); their diffusion features are computed once
+    and cached (as float16 when `cache_half`), so the frozen backbone never runs twice on a view.
+    `grad_clip` is the max L2 norm of all trainable gradients together (the reference uses 0.01).
+    """
+
+    steps: int = 200
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    warmup: int = 10
+    warmup_factor: float = 0.067
+    batch_size: int = 1
+    crop: int | None = None  # None: the model's sliding window (512; tiny preset: 128)
+    trainable: tuple[str, ...] = TRAINABLE_PARTS
+    grad_clip: float | None = 0.01
+    flip: bool = True
+    scale_jitter: tuple[float, float] = (0.8, 1.25)
+    views_per_image: int = 4
+    cache_half: bool = True
+    seed: int = 0
+    device: str | None = None  # None: the model's device
+
+
+@dataclass
+class FinetuneResult:
+    losses: list[float]  # weighted total loss per step
+    steps: int  # steps completed
+    stopped: bool  # True when should_stop() ended the run early
+    seconds_features: float  # backbone time (feature caching)
+    seconds_train: float  # head forward/backward/optimizer time
+    num_images: int
+    loss_parts: list[dict[str, float]] = field(default_factory=list)  # final-layer ce/mask/dice per step
+
+    @property
+    def seconds_per_step(self) -> float:
+        return self.seconds_train / max(self.steps, 1)
+
+
+def _trainable_modules(model: "ODISE", parts: tuple[str, ...]) -> dict[str, nn.Module]:
+    available = {
+        "pixel_decoder": model.sem_seg_head.pixel_decoder,
+        "predictor": model.sem_seg_head.predictor,
+        "category_head": model.category_head,
+    }
+    unknown = [p for p in parts if p not in available]
+    if unknown or not parts:
+        raise ValueError(f"trainable parts must be a non-empty subset of {TRAINABLE_PARTS}, got {parts}")
+    return {p: available[p] for p in parts}
+
+
+def _augmented_view(sample: TrainSample, base_size: int, max_size: int, crop: int, flip: bool, scale: float,
+                    rng: np.random.Generator) -> tuple[torch.Tensor, Target]:
+    """Resize (shortest edge base_size*scale), optional flip, random crop x crop window (zero padded)."""
+    img = torch.from_numpy(np.ascontiguousarray(sample.image)).permute(2, 0, 1).float()[None] / 255.0
+    masks = torch.from_numpy(np.ascontiguousarray(sample.masks, dtype=np.float32))[None]
+    h, w = img.shape[-2:]
+    factor = min(base_size / min(h, w), max_size / max(h, w)) * scale
+    nh, nw = max(1, round(h * factor)), max(1, round(w * factor))
+    img = F.interpolate(img, size=(nh, nw), mode="bilinear", align_corners=False).clamp(0, 1)
+    if masks.shape[1]:
+        masks = F.interpolate(masks, size=(nh, nw), mode="nearest")
+    else:
+        masks = masks.new_zeros(1, 0, nh, nw)
+    if flip:
+        img, masks = img.flip(-1), masks.flip(-1)
+    y0 = int(rng.integers(0, max(nh - crop, 0) + 1))
+    x0 = int(rng.integers(0, max(nw - crop, 0) + 1))
+    img, masks = img[..., y0:y0 + crop, x0:x0 + crop], masks[..., y0:y0 + crop, x0:x0 + crop]
+    pad = (0, crop - img.shape[-1], 0, crop - img.shape[-2])
+    img, masks = F.pad(img, pad), F.pad(masks, pad)
+    masks = masks[0] > 0.5
+    keep = masks.flatten(1).any(1)
+    labels = torch.as_tensor(np.asarray(sample.classes), dtype=torch.int64).reshape(-1)[keep]
+    return img, {"labels": labels, "masks": masks[keep]}
+
+
+def finetune(model: "ODISE", samples: list[TrainSample], options: FinetuneOptions,
+             progress: Callable[[int, int, float], None] | None = None,
+             should_stop: Callable[[], bool] | None = None, *, vocab: "Vocabulary") -> FinetuneResult:
+    """Fine-tune the chosen head parts of `model` on `samples` whose class indices refer to `vocab`.
+
+    AdamW with linear warmup then cosine decay to 10 %; deterministic for a given seed on CPU.
+    `progress(step, total, loss)` is called after every step; `should_stop()` is polled before each
+    step and ends the run early (the weights keep the updates made so far).
+    """
+    if not samples:
+        raise ValueError("finetune needs at least one training sample")
+    num_classes = len(vocab)
+    for i, s in enumerate(samples):
+        if len(s.classes) and (int(np.max(s.classes)) >= num_classes or int(np.min(s.classes)) < 0):
+            raise ValueError(f"sample {i} has class indices outside the vocabulary of {num_classes} classes")
+        if s.masks.shape[0] != len(s.classes) or s.masks.shape[1:] != s.image.shape[:2]:
+            raise ValueError(f"sample {i}: masks {s.masks.shape} do not match image {s.image.shape} / "
+                             f"{len(s.classes)} classes")
+    device = torch.device(options.device) if options.device else model.device
+    if device != model.device:
+        model.to(device)
+    cfg = model.cfg.backbone
+    crop = options.crop or cfg.window
+    modules = _trainable_modules(model, tuple(options.trainable))
+
+    torch.manual_seed(options.seed)
+    rng = np.random.default_rng(options.seed)
+    gen = torch.Generator().manual_seed(options.seed)
+    criterion = SetCriterion(num_classes).to(device)
+
+    model.eval()
+    was_trainable = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = []
+    for m in modules.values():
+        m.train()
+        for p in m.parameters():
+            p.requires_grad_(True)
+            params.append(p)
+    optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
+
+    def lr_at(step: int) -> float:
+        if step < options.warmup:
+            alpha = step / max(options.warmup, 1)
+            return options.lr * (options.warmup_factor * (1 - alpha) + alpha)
+        frac = (step - options.warmup) / max(options.steps - options.warmup, 1)
+        return options.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    views = max(1, options.views_per_image)
+    view_params = []
+    for _ in samples:
+        per = [(False, 1.0)]
+        for _ in range(views - 1):
+            per.append((options.flip and bool(rng.random() < 0.5), float(rng.uniform(*options.scale_jitter))))
+        view_params.append(per)
+    cache: dict[tuple[int, int], tuple[dict[str, torch.Tensor], Target]] = {}
+    seconds_features = 0.0
+
+    def get_view(i: int, v: int) -> tuple[dict[str, torch.Tensor], Target]:
+        nonlocal seconds_features
+        if (i, v) not in cache:
+            t0 = time.perf_counter()
+            flip, scale = view_params[i][v]
+            view_rng = np.random.default_rng([options.seed, i, v])
+            image01, target = _augmented_view(samples[i], cfg.min_size, cfg.max_size, crop, flip, scale, view_rng)
+            feats = model.extract_features(image01.to(device))
+            store = torch.float16 if options.cache_half else torch.float32
+            cache[(i, v)] = ({k: f.detach().to("cpu", store) for k, f in feats.items()}, target)
+            seconds_features += time.perf_counter() - t0
+        return cache[(i, v)]
+
+    losses: list[float] = []
+    parts: list[dict[str, float]] = []
+    seconds_train = 0.0
+    stopped = False
+    total = options.steps
+    for step in range(total):
+        if should_stop is not None and should_stop():
+            stopped = True
+            log.info("fine-tune stopped at step %d/%d", step, total)
+            break
+        picks = [(int(rng.integers(len(samples))), int(rng.integers(views))) for _ in range(options.batch_size)]
+        batch = [get_view(i, v) for i, v in picks]
+        t0 = time.perf_counter()
+        features = {k: torch.cat([f[k] for f, _ in batch]).to(device, torch.float32) for k in batch[0][0]}
+        targets = [{"labels": t["labels"].to(device), "masks": t["masks"].to(device)} for _, t in batch]
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        outputs = model.forward_heads(features, vocab)
+        loss_dict = criterion(outputs, targets, generator=gen)
+        loss = criterion.weighted_total(loss_dict)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if options.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, options.grad_clip)
+        optimizer.step()
+        seconds_train += time.perf_counter() - t0
+        losses.append(float(loss.detach()))
+        parts.append({k: float(loss_dict[k].detach()) for k in ("loss_ce", "loss_mask", "loss_dice")})
+        if progress is not None:
+            progress(step + 1, total, losses[-1])
+        if (step + 1) % 10 == 0 or step + 1 == total:
+            log.info("fine-tune step %d/%d loss %.4f", step + 1, total, losses[-1])
+
+    for p, flag in was_trainable.items():
+        p.requires_grad_(flag)
+    model.eval()
+    return FinetuneResult(losses=losses, steps=len(losses), stopped=stopped, seconds_features=seconds_features,
+                          seconds_train=seconds_train, num_images=len(samples), loss_parts=parts)
