@@ -1,0 +1,317 @@
+"""Fine-tune jobs and model versions: atomic writes, promotion rule, rollback, cancel, crashes, kill -9.
+
+A small stand-in model keeps these tests fast: its one trainable number decides whether it
+segments the test images right, so held-out PQ before/after is known exactly.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from backend.jobs import Job, JobManager, TrainPolicy, VersionStore, clone_for_training
+from backend.training_data import TrainingData
+from odise_core.training import TrainSample
+from odise_core.types import Segment
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = SimpleNamespace(names=["square", "floor"], is_thing=torch.tensor([True, False]))
+
+
+class FakeModel(nn.Module):
+    """Segments the bright square exactly when `quality` >= 1, else calls the whole image floor."""
+
+    FROZEN_PREFIXES = ("frozen.",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frozen = nn.Linear(4, 4)
+        self.frozen.requires_grad_(False)
+        self.quality = nn.Parameter(torch.tensor(0.0))
+        self.cfg = SimpleNamespace(name="fake-preset")
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {"quality": self.quality.detach().clone()}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.quality.data.copy_(state["quality"])
+
+    def predict(self, image: np.ndarray, vocab, mode: str = "panoptic") -> list[Segment]:
+        bright = image[..., 0] > 100
+        if self.quality.item() >= 1.0:
+            segs = [Segment(bright, 0, 0.9, True, 0), Segment(~bright, 1, 0.9, False, 1)]
+        else:
+            segs = [Segment(np.ones_like(bright), 1, 0.9, False, 1)]
+        return [s for s in segs if s.is_thing] if mode == "instance" else segs
+
+
+def sample(seed: int) -> TrainSample:
+    img = np.zeros((24, 24, 3), np.uint8)
+    y, x = 2 + seed % 8, 3 + seed % 7
+    img[y:y + 8, x:x + 8] = 220
+    bright = img[..., 0] > 100
+    return TrainSample(image=img, masks=np.stack([bright, ~bright]), classes=np.array([0, 1]))
+
+
+def fetch_fn(n_train: int = 4, n_holdout: int = 2):
+    def fetch(fraction: float) -> TrainingData:
+        return TrainingData(train=[sample(i) for i in range(n_train)],
+                            holdout=[sample(100 + i) for i in range(n_holdout)],
+                            train_task_ids=list(range(n_train)), holdout_task_ids=list(range(100, 100 + n_holdout)))
+    return fetch
+
+
+def set_quality(value: float, steps: int = 3, delay: float = 0.0, fail_at: int | None = None):
+    def finetune(model, data, vocab, job: Job) -> None:
+        for step in range(1, steps + 1):
+            if job._stop.is_set():
+                return
+            if fail_at == step:
+                raise RuntimeError("simulated crash inside training")
+            time.sleep(delay)
+            job.step, job.total_steps, job.loss = step, steps, 1.0 / step
+        model.quality.data.fill_(value)
+    return finetune
+
+
+def manager(tmp_path: Path, finetune, **kw) -> JobManager:
+    policy = TrainPolicy(on_annotation=True, min_annotations=kw.pop("min_annotations", 2),
+                         debounce_seconds=kw.pop("debounce", 0.0), holdout_fraction=0.25)
+    return JobManager(tmp_path / "models", policy=policy, finetune_fn=finetune, **kw)
+
+
+def run(m: JobManager, model: FakeModel, project: str = "7") -> Job:
+    job = m.submit(project, fetch_fn(), model, VOCAB)
+    assert job.wait(30)
+    return job
+
+
+def test_store_write_is_complete_and_leftovers_are_cleaned(tmp_path):
+    store = VersionStore(tmp_path)
+    v1 = store.write("3", {"w": torch.arange(4.0)}, {"note": "a"})
+    v2 = store.write("3", {"w": torch.zeros(2)}, {"note": "b"})
+    assert (v1, v2) == ("v0001", "v0002")
+    assert sorted(os.listdir(tmp_path / "3")) == ["v0001", "v0002"]
+    assert torch.equal(store.load_state_dict("3", v1)["w"], torch.arange(4.0))
+    meta = store.metadata("3", v2)
+    assert meta["note"] == "b" and meta["version"] == "v0002" and meta["project"] == "3" and meta["created"]
+    assert store.current("3") is None
+    # a writer killed mid-way leaves a temporary directory: never listed, removed on start
+    (tmp_path / "3" / ".tmp-v0003-dead").mkdir()
+    (tmp_path / "3" / ".tmp-v0003-dead" / "weights.pt").write_bytes(b"partial")
+    assert store.versions("3") == ["v0001", "v0002"]
+    VersionStore(tmp_path)
+    assert not (tmp_path / "3" / ".tmp-v0003-dead").exists()
+    with pytest.raises(KeyError, match="no model version 'v0009'"):
+        store.load_state_dict("3", "v0009")
+
+
+def test_better_model_is_promoted_with_metadata(tmp_path):
+    promoted = []
+    m = manager(tmp_path, set_quality(1.0), on_promoted=lambda p, v: promoted.append((p, v)))
+    serving = FakeModel()
+    job = run(m, serving)
+    assert job.state == "done" and job.promoted is True and job.version == "v0001"
+    assert promoted == [("7", "v0001")]
+    assert m.current_version("7") == "v0001"
+    assert serving.quality.item() == 0.0  # the serving model was never touched
+    meta = m.store.metadata("7", "v0001")
+    assert meta["promoted"] is True and meta["base_preset"] == "fake-preset"
+    assert meta["vocabulary"] == ["square", "floor"] and meta["is_thing"] == [True, False]
+    assert meta["data"]["train"] == 4 and meta["data"]["holdout"] == 2
+    # before: the square is missed (PQ 0); the floor prediction covers it too (IoU 512/576)
+    assert meta["eval"]["holdout_before"]["pq"] == pytest.approx(100 * (512 / 576) / 2)
+    assert meta["eval"]["holdout_after"]["pq"] == pytest.approx(100.0)
+    reloaded = FakeModel()
+    assert m.load_version(reloaded, "7") == "v0001" and reloaded.quality.item() == 1.0
+    status = m.status("7")
+    assert status["current_version"] == "v0001" and status["job"]["state"] == "done"
+    assert status["job"]["progress"] == 1.0 and status["job"]["metrics"]["holdout_after"]["pq"] == 100.0
+    json.dumps(status)
+
+
+def test_model_that_is_not_better_is_kept_but_not_promoted(tmp_path, caplog):
+    m = manager(tmp_path, set_quality(1.0))
+    run(m, FakeModel())
+    serving = FakeModel()
+    m.load_version(serving, "7")
+    m.finetune_fn = set_quality(0.0)  # worse than what serves
+    with caplog.at_level("INFO", logger="backend.jobs"):
+        job = run(m, serving)
+    assert job.state == "done" and job.promoted is False and job.version == "v0002"
+    assert m.current_version("7") == "v0001"
+    assert m.store.versions("7") == ["v0001", "v0002"]
+    assert m.store.metadata("7", "v0002")["promoted"] is False
+    assert "held-out PQ 44.44 vs serving 100.00" in caplog.text
+
+
+def test_exception_mid_training_keeps_previous_version(tmp_path):
+    m = manager(tmp_path, set_quality(1.0))
+    run(m, FakeModel())
+    m.finetune_fn = set_quality(1.0, steps=5, fail_at=3)
+    job = run(m, FakeModel())
+    assert job.state == "failed" and "simulated crash" in job.message
+    assert m.store.versions("7") == ["v0001"] and m.current_version("7") == "v0001"
+    assert not [p for p in (tmp_path / "models" / "7").iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_newer_request_cancels_running_job(tmp_path):
+    m = manager(tmp_path, set_quality(1.0, steps=200, delay=0.02))
+    first = m.submit("7", fetch_fn(), FakeModel(), VOCAB)
+    deadline = time.time() + 10
+    while first.state != "training" and time.time() < deadline:
+        time.sleep(0.01)
+    m.finetune_fn = set_quality(1.0)
+    second = m.submit("7", fetch_fn(), FakeModel(), VOCAB)
+    assert first.wait(10) and second.wait(10)
+    assert first.state == "cancelled" and first.version is None
+    assert second.state == "done" and second.version == "v0001"
+    assert m.status("7")["job"]["id"] == second.id
+
+
+def test_other_projects_train_independently(tmp_path):
+    m = manager(tmp_path, set_quality(1.0, steps=5, delay=0.01))
+    a, b = m.submit("1", fetch_fn(), FakeModel(), VOCAB), m.submit("2", fetch_fn(), FakeModel(), VOCAB)
+    assert a.wait(10) and b.wait(10)
+    assert a.state == b.state == "done"
+    assert m.current_version("1") == m.current_version("2") == "v0001"
+
+
+def test_rollback_to_previous_promoted_then_base(tmp_path):
+    m = manager(tmp_path, set_quality(1.0))
+    run(m, FakeModel())  # v0001 promoted over the base
+    serving = FakeModel()
+    m.load_version(serving, "7")
+    m.finetune_fn = set_quality(0.0)
+    run(m, serving)  # v0002 kept
+    m.store.rollback("7", "v0002")  # explicit version
+    assert m.current_version("7") == "v0002"
+    assert m.store.rollback("7") == "v0001"  # newest earlier promoted version
+    assert m.store.rollback("7") is None and m.current_version("7") is None
+    with pytest.raises(ValueError, match="nothing to roll back"):
+        m.store.rollback("7")
+
+
+def test_training_does_not_block_status_or_the_serving_model(tmp_path):
+    m = manager(tmp_path, set_quality(1.0, steps=50, delay=0.02))
+    serving = FakeModel()
+    job = m.submit("7", fetch_fn(), serving, VOCAB)
+    deadline = time.time() + 10
+    while job.step < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    t = time.perf_counter()
+    payload = m.status("7")
+    segs = serving.predict(sample(0).image, VOCAB)
+    assert time.perf_counter() - t < 0.5
+    assert payload["job"]["state"] == "training" and 0 < payload["job"]["progress"] < 1
+    assert len(segs) == 1
+    m.shutdown(10)
+    assert job.state == "cancelled"
+
+
+def test_webhook_policy(tmp_path):
+    m = manager(tmp_path, set_quality(1.0), debounce=0.3, min_annotations=5)
+    assert m.handle_event("PROJECT_UPDATED", "7", fetch_fn(), FakeModel(), VOCAB)["status"] == "ignored"
+    # annotation events are debounced into one job, which needs min_annotations usable tasks
+    for _ in range(3):
+        decision = m.handle_event("ANNOTATION_CREATED", "7", fetch_fn(2, 1), FakeModel(), VOCAB)
+        assert decision["status"] == "scheduled"
+    assert m.job("7") is None and m.status("7")["scheduled"]
+    time.sleep(0.8)
+    job = m.job("7")
+    assert job is not None and job.wait(10)
+    assert job.state == "skipped" and "need at least 5" in job.message
+    first_id = job.id
+    m.handle_event("ANNOTATION_UPDATED", "7", fetch_fn(4, 2), FakeModel(), VOCAB)
+    time.sleep(0.8)
+    job = m.job("7")
+    assert job.id != first_id and job.wait(10) and job.state == "done"
+    # START_TRAINING trains at once, whatever the count
+    decision = m.handle_event("START_TRAINING", "7", fetch_fn(1, 1), FakeModel(), VOCAB)
+    assert decision["status"] == "started" and m.job("7").wait(10) and m.job("7").state == "done"
+    off = manager(tmp_path / "off", set_quality(1.0))
+    off.policy.on_annotation = False
+    assert off.handle_event("ANNOTATION_CREATED", "7", fetch_fn(), FakeModel(), VOCAB)["status"] == "ignored"
+
+
+def test_clone_shares_frozen_weights_and_copies_trainable():
+    model = FakeModel()
+    clone = clone_for_training(model)
+    assert clone.frozen.weight is model.frozen.weight
+    assert clone.quality is not model.quality
+    clone.quality.data.fill_(3.0)
+    assert model.quality.item() == 0.0
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys, time
+    import torch
+    sys.path.insert(0, {root!r})
+    sys.path.insert(0, {tests!r})
+    from test_jobs import FakeModel, VOCAB, fetch_fn
+    from backend.jobs import JobManager, TrainPolicy
+    mode, model_dir, marker = sys.argv[1:4]
+
+    def slow_finetune(model, data, vocab, job):
+        open(marker, "w").write("training")
+        for step in range(10**6):
+            job.step = step
+            time.sleep(0.01)
+
+    m = JobManager(model_dir, policy=TrainPolicy(holdout_fraction=0.25), finetune_fn=slow_finetune)
+    if mode == "train":
+        m.submit("7", fetch_fn(), FakeModel(), VOCAB).wait()
+    else:  # "write": a large version being written when the kill comes
+        open(marker, "w").write("writing")
+        m.store.write("7", {{"big": torch.randn(64, 1024, 1024)}}, {{"note": "huge"}})
+        open(marker, "w").write("written")
+        time.sleep(60)
+""")
+
+
+@pytest.mark.parametrize("mode", ["train", "write"])
+def test_kill_9_mid_training_leaves_previous_version_serving(tmp_path, mode):
+    models = tmp_path / "models"
+    m = manager(tmp_path, set_quality(1.0))
+    run(m, FakeModel())
+    assert m.current_version("7") == "v0001"
+    script = tmp_path / "victim.py"
+    script.write_text(KILL_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests")))
+    marker = tmp_path / "marker"
+    proc = subprocess.Popen([sys.executable, str(script), mode, str(models), str(marker)])
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if marker.exists() and (mode == "train" or any(p.name.startswith(".tmp-") for p in (models / "7").iterdir())):
+                break
+            time.sleep(0.005)
+        else:
+            pytest.fail("victim never reached the kill point")
+        time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(10) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # what a restarted server sees: the previous version, complete, still serving
+    restarted = JobManager(models, policy=TrainPolicy(), finetune_fn=set_quality(1.0))
+    assert restarted.current_version("7") == "v0001"
+    assert not [p for p in (models / "7").iterdir() if p.name.startswith(".tmp-")]
+    served = FakeModel()
+    assert restarted.load_version(served, "7") == "v0001" and served.quality.item() == 1.0
+    for v in restarted.store.versions("7"):  # any version listed is complete and loadable
+        restarted.store.load_state_dict("7", v)
+    job = restarted.submit("7", fetch_fn(), served, VOCAB)
+    assert job.wait(30) and job.state == "done"
