@@ -1,0 +1,340 @@
+"""The ML backend: setup / predict / fit (webhook) on top of ODISE, configured by env vars.
+
+| env var | default | meaning |
+|---|---|---|
+| PRESET | odise-label-coco | model preset (odise-label-coco, odise-caption-coco, tiny) |
+| DEVICE | auto | cpu, cuda, cuda:N, mps or auto |
+| MODEL_DIR | ~/.cache/odise-label-studio/backend | fine-tuned versions per project (jobs.py) |
+| ODISE_WEIGHTS_DIR | ~/.cache/odise-label-studio | SD / CLIP / ODISE weights |
+| LABEL_STUDIO_URL | (from /setup) | Label Studio address for uploaded files and training data |
+| LABEL_STUDIO_API_KEY | (from /setup) | personal access token (refresh JWT) or legacy token |
+| PREDICTION_MODE | panoptic | panoptic, instance or semantic |
+| POLYGON_TOLERANCE | 1.0 | polygon simplification in pixels (0 = exact pixel outline) |
+| MAX_POINTS | 500 | vertex cap per polygon |
+| MIN_AREA | 64 | smallest region (and polygon hole) in pixels |
+| SCORE_THRESHOLD | 0.0 | drop segments scoring below |
+| KEEP_HOLES | true | splice holes into polygons (false: fill them) |
+| IMAGE_TIMEOUT | 30 | seconds to download one image |
+| MAX_IMAGE_MB | 50 | largest image file accepted |
+| ALLOW_LOCAL_PATHS | true | accept task image values that are paths on the backend host |
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable
+
+from backend.jobs import JobManager, clone_for_training
+from backend.label_config import ImageTarget, LabelConfigError, ProjectConfig, parse_label_config
+from backend.results import ResultOptions, image_regions, task_score
+from backend.tasks import ImageFetcher, ImageFetchError
+from odise_core.types import RawPrediction
+
+log = logging.getLogger(__name__)
+
+TRAIN_EVENTS = ("START_TRAINING", "ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
+
+
+def _env_bool(environ: dict, name: str, default: bool) -> bool:
+    value = environ.get(name)
+    return default if value is None else value.strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass
+class BackendSettings:
+    """Everything the backend reads from its environment; see the module docstring."""
+
+    preset: str = "odise-label-coco"
+    device: str = "auto"
+    model_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "odise-label-studio" / "backend")
+    label_studio_url: str | None = None
+    api_key: str | None = None
+    mode: str = "panoptic"
+    result: ResultOptions = field(default_factory=ResultOptions)
+    image_timeout: float = 30.0
+    max_image_mb: float = 50.0
+    allow_local_paths: bool = True
+
+    @classmethod
+    def from_env(cls, environ: dict | None = None, **overrides: Any) -> "BackendSettings":
+        env = dict(os.environ if environ is None else environ)
+        defaults = cls()
+        result = ResultOptions(
+            tolerance=float(env.get("POLYGON_TOLERANCE", defaults.result.tolerance)),
+            max_points=int(env.get("MAX_POINTS", defaults.result.max_points)),
+            min_area=int(env.get("MIN_AREA", defaults.result.min_area)),
+            score_threshold=float(env.get("SCORE_THRESHOLD", defaults.result.score_threshold)),
+            keep_holes=_env_bool(env, "KEEP_HOLES", defaults.result.keep_holes),
+        )
+        settings = cls(
+            preset=env.get("PRESET", defaults.preset),
+            device=env.get("DEVICE", defaults.device),
+            model_dir=Path(env["MODEL_DIR"]) if env.get("MODEL_DIR") else defaults.model_dir,
+            label_studio_url=env.get("LABEL_STUDIO_URL") or env.get("LABEL_STUDIO_HOST") or None,
+            api_key=env.get("LABEL_STUDIO_API_KEY") or env.get("LABEL_STUDIO_ACCESS_TOKEN") or None,
+            mode=env.get("PREDICTION_MODE", defaults.mode),
+            result=result,
+            image_timeout=float(env.get("IMAGE_TIMEOUT", defaults.image_timeout)),
+            max_image_mb=float(env.get("MAX_IMAGE_MB", defaults.max_image_mb)),
+            allow_local_paths=_env_bool(env, "ALLOW_LOCAL_PATHS", defaults.allow_local_paths),
+        )
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(settings, key, value)
+        return settings
+
+
+class ModelState(str, Enum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class ModelNotReady(RuntimeError):
+    """The model is still loading; retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 10):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ModelLoadFailed(RuntimeError):
+    """Loading the model failed for good (e.g. weights missing); the message says how to fix it."""
+
+
+def weights_digest(model: Any) -> str:
+    """Short hash of the trainable weights: the model version changes whenever they do."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.trainable_state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:8]
+
+
+def _default_factory(settings: BackendSettings) -> Any:
+    from odise_core.config import get_config
+    from odise_core.model import ODISE
+
+    return ODISE.from_config(get_config(settings.preset), device=settings.device)
+
+
+def project_id_of(project: Any) -> str | None:
+    """Label Studio sends the project as "<id>.<created timestamp>" (or a webhook dict with "id")."""
+    if isinstance(project, dict):
+        project = project.get("id")
+    if project is None or project == "":
+        return None
+    return str(project).split(".", 1)[0]
+
+
+class ODISEBackend:
+    """Loads ODISE in the background and turns Label Studio tasks into predictions.
+
+    Forward passes are serialised by a lock (one model, CPU/GPU bound); fine-tuning runs in
+    jobs.JobManager threads on copies, so predictions keep being served while a project trains.
+    """
+
+    def __init__(self, settings: BackendSettings | None = None,
+                 model_factory: Callable[[BackendSettings], Any] | None = None):
+        self.settings = settings or BackendSettings.from_env()
+        self._factory = model_factory or _default_factory
+        self.fetcher = ImageFetcher(self.settings.label_studio_url, self.settings.api_key,
+                                    timeout=(5.0, self.settings.image_timeout),
+                                    max_bytes=int(self.settings.max_image_mb * 2 ** 20),
+                                    allow_local_paths=self.settings.allow_local_paths)
+        self.jobs = JobManager(self.settings.model_dir, on_promoted=self._on_promoted,
+                               base_preset=self.settings.preset)
+        self.state = ModelState.LOADING
+        self.error: str | None = None
+        self.model: Any = None
+        self.base_version: str | None = None
+        self._project_models: dict[str, tuple[str, Any]] = {}
+        self._configs: OrderedDict[str, ProjectConfig] = OrderedDict()
+        self._job_projects: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._predict_lock = threading.Lock()
+        self._loaded = threading.Event()
+        self._load_started = 0.0
+        self.load_seconds: float | None = None
+
+    # ----------------------------------------------------------------- model lifecycle
+    def start_loading(self, background: bool = True) -> None:
+        """Build the model (in a daemon thread unless `background` is False)."""
+        self._load_started = time.time()
+        if background:
+            threading.Thread(target=self._load, name="odise-load", daemon=True).start()
+        else:
+            self._load()
+
+    def _load(self) -> None:
+        try:
+            model = self._factory(self.settings)
+            digest = weights_digest(model)
+            with self._lock:
+                self.model = model
+                self.base_version = f"odise-{self.settings.preset}-{digest}"
+                self.state = ModelState.READY
+            self.load_seconds = time.time() - self._load_started
+            log.info("model %s ready in %.1f s", self.base_version, self.load_seconds)
+        except Exception as e:  # reported by /health, /setup and /predict rather than killing the server
+            self.error = f"{type(e).__name__}: {e}"
+            self.state = ModelState.FAILED
+            log.error("model loading failed: %s", self.error)
+        finally:
+            self._loaded.set()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until loading ends; True when the model is ready."""
+        self._loaded.wait(timeout)
+        return self.state is ModelState.READY
+
+    def _require_model(self) -> Any:
+        if self.state is ModelState.READY:
+            return self.model
+        if self.state is ModelState.FAILED:
+            raise ModelLoadFailed(f"the model could not be loaded: {self.error}")
+        waited = time.time() - self._load_started
+        raise ModelNotReady(f"the model is loading ({waited:.0f} s so far); retry shortly", retry_after=5)
+
+    def model_for(self, project: str | None) -> tuple[str, Any]:
+        """(model_version, model) serving `project`: its promoted fine-tune, else the base model."""
+        base = self._require_model()
+        version = self.jobs.current_version(project) if project else None
+        if version is None:
+            return self.base_version, base
+        with self._lock:
+            cached = self._project_models.get(project)
+            if cached is not None and cached[0] == version:
+                return f"{self.base_version}+{project}-{version}", cached[1]
+        model = clone_for_training(base)
+        self.jobs.load_version(model, project, version)
+        model.eval()
+        with self._lock:
+            self._project_models[project] = (version, model)
+        return f"{self.base_version}+{project}-{version}", model
+
+    def _on_promoted(self, project: str, version: str) -> None:
+        with self._lock:
+            self._project_models.pop(str(project), None)
+        log.info("project %s: next predictions use fine-tuned version %s", project, version)
+
+    def model_version(self, project: str | None = None) -> str:
+        return self.model_for(project)[0]
+
+    # ----------------------------------------------------------------- protocol
+    def parse_config(self, label_config: str) -> ProjectConfig:
+        """Parsed label config, cached by its text."""
+        with self._lock:
+            cached = self._configs.get(label_config)
+            if cached is not None:
+                self._configs.move_to_end(label_config)
+                return cached
+        parsed = parse_label_config(label_config)
+        with self._lock:
+            self._configs[label_config] = parsed
+            while len(self._configs) > 64:
+                self._configs.popitem(last=False)
+        return parsed
+
+    def setup(self, project: Any, label_config: str, hostname: str | None = None,
+              access_token: str | None = None) -> str:
+        """Validate the project's config (LabelConfigError if unusable) and return the model version."""
+        self.parse_config(label_config)
+        self.fetcher.configure(hostname, access_token)
+        return self.model_version(project_id_of(project))
+
+    def predict(self, tasks: list[dict], label_config: str, project: Any = None) -> tuple[list[dict], str]:
+        """One prediction (or error entry without "result") per task, in order, and the model version."""
+        config = self.parse_config(label_config)
+        version, model = self.model_for(project_id_of(project))
+        return [self.predict_task(task, config, model, version) for task in tasks], version
+
+    def predict_task(self, task: dict, config: ProjectConfig, model: Any, version: str) -> dict:
+        """Prediction of one task; any failure becomes an error entry so other tasks still get theirs."""
+        task_id = task.get("id") if isinstance(task, dict) else None
+        t0 = time.perf_counter()
+        try:
+            regions, raws = [], []
+            for target in config.targets:
+                raw = self._predict_image(task, target, model)
+                raws.append(raw)
+                regions.extend(image_regions(raw.segments, target.controls, target.label_of, self.settings.result))
+            log.info("task %s: %d regions in %.2f s", task_id, len(regions), time.perf_counter() - t0)
+            return {"result": regions, "score": task_score(raws), "model_version": version}
+        except (ImageFetchError, LabelConfigError, ValueError) as e:
+            log.warning("task %s: %s", task_id, e)
+            return {"error": str(e), "task": task_id, "model_version": version}
+        except Exception as e:  # a crash in one prediction must not fail the batch or the server
+            log.exception("task %s: prediction crashed", task_id)
+            return {"error": f"prediction failed: {type(e).__name__}: {e}", "task": task_id, "model_version": version}
+
+    def _predict_image(self, task: dict, target: ImageTarget, model: Any) -> RawPrediction:
+        data = task.get("data") or {}
+        url = data.get(target.data_key)
+        if url is None and "$undefined$" in data:
+            url = data["$undefined$"]
+        if url is None:
+            raise ValueError(f'task {task.get("id")} has no data field "{target.data_key}" '
+                             f'needed by <Image name="{target.to_name}">')
+        image = self.fetcher.fetch(url, task_id=task.get("id"))
+        with self._predict_lock:
+            return model.predict_raw(image, target.vocabulary, mode=self.settings.mode)
+
+    # ----------------------------------------------------------------- training
+    def handle_webhook(self, event: str, payload: dict) -> dict:
+        """Forward training events to the job manager; other events are acknowledged and ignored."""
+        if event not in TRAIN_EVENTS:
+            return {"status": "ignored", "reason": f"event {event} does not train"}
+        project = payload.get("project") or {}
+        project_id = project_id_of(project)
+        label_config = project.get("label_config") if isinstance(project, dict) else None
+        if not project_id or not label_config:
+            raise ValueError("webhook payload needs project.id and project.label_config")
+        target = self.parse_config(label_config).targets[0]
+        _, model = self.model_for(project_id)
+        result = self.jobs.handle_event(event, project_id, self._training_fetcher(int(project_id), target),
+                                        model, target.vocabulary)
+        if "job" in result:
+            with self._lock:
+                self._job_projects[result["job"]] = project_id
+        return result
+
+    def find_job(self, job_id: str) -> Any:
+        """The training job with this id (as returned by /webhook or /train), or None."""
+        with self._lock:
+            project = self._job_projects.get(job_id)
+        job = self.jobs.job(project) if project else None
+        return job if job is not None and job.id == job_id else None
+
+    def _training_fetcher(self, project_id: int, target: ImageTarget) -> Callable[[float], Any]:
+        from label_studio_sdk.client import LabelStudio
+
+        from backend.training_data import build_training_data, fetch_annotated_tasks
+
+        if not (self.fetcher.ls_url and self.fetcher.auth):
+            raise ValueError("training needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to read annotations")
+
+        def fetch(holdout_fraction: float) -> Any:
+            client = LabelStudio(base_url=self.fetcher.ls_url, api_key=self.fetcher.auth.api_key)
+            tasks = fetch_annotated_tasks(client, project_id)
+            return build_training_data(
+                tasks, target.vocabulary.names,
+                lambda task: self.fetcher.fetch(task["data"][target.data_key], task_id=task.get("id")),
+                is_thing=[bool(t) for t in target.vocabulary.is_thing], holdout_fraction=holdout_fraction,
+                from_names=[c.name for c in target.controls])
+
+        return fetch
+
+    def versions(self, project: Any) -> list[str]:
+        """Model versions available to `project`: the base model and its stored fine-tunes."""
+        base = self.base_version or f"odise-{self.settings.preset}"
+        pid = project_id_of(project)
+        stored = self.jobs.store.versions(pid) if pid else []
+        return [base] + [f"{base}+{pid}-{v}" for v in stored]

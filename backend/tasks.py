@@ -1,0 +1,231 @@
+"""Resolve and fetch task images: Label Studio uploads and local files, cloud storage, http(s), data URIs, paths.
+
+Label Studio URLs (``/data/upload/...``, ``/data/local-files/?d=...``, storage proxies) are fetched from
+LABEL_STUDIO_URL with the API key. Label Studio 1.23 disables legacy tokens by default; a personal
+access token (a JWT refresh token) is exchanged at ``/api/token/refresh/`` for short-lived access
+tokens, renewed before they expire. A legacy token is sent as ``Authorization: Token <key>``.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from urllib.parse import quote, unquote, urljoin, urlparse
+
+import numpy as np
+import requests
+
+from odise_core.preprocess import load_image
+
+log = logging.getLogger(__name__)
+
+LS_PATH_PREFIXES = ("/data/", "/storage-data/", "/tasks/", "/api/")
+CLOUD_SCHEMES = ("s3", "gs", "azure-blob", "gcs")
+
+
+class ImageFetchError(RuntimeError):
+    """An image could not be resolved, downloaded or decoded; the message names the URL and the cause."""
+
+
+def _jwt_claims(token: str) -> dict | None:
+    """Unverified claims of a JWT, or None when `token` is not one."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        payload = parts[1] + "=" * (-len(parts[1]) % 4)
+        claims = json.loads(base64.urlsafe_b64decode(payload))
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        return None
+    return claims if isinstance(claims, dict) else None
+
+
+class LabelStudioAuth:
+    """Authorization header for Label Studio: legacy token as-is, personal access token via refresh."""
+
+    REFRESH_MARGIN = 30.0  # seconds before expiry when an access token is renewed
+
+    def __init__(self, base_url: str, api_key: str, timeout: float = 10.0):
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key.strip()
+        self.timeout = timeout
+        claims = _jwt_claims(self.api_key)
+        self.is_personal_token = bool(claims and claims.get("token_type") == "refresh")
+        self._access: str | None = None
+        self._expires = 0.0
+        self._lock = threading.Lock()
+
+    def header(self, force_refresh: bool = False) -> dict[str, str]:
+        if not self.is_personal_token:
+            return {"Authorization": f"Token {self.api_key}"}
+        with self._lock:
+            if force_refresh or self._access is None or time.time() > self._expires - self.REFRESH_MARGIN:
+                self._refresh()
+            return {"Authorization": f"Bearer {self._access}"}
+
+    def _refresh(self) -> None:
+        url = f"{self.base_url}/api/token/refresh/"
+        try:
+            r = requests.post(url, json={"refresh": self.api_key}, timeout=self.timeout)
+        except requests.RequestException as e:
+            raise ImageFetchError(f"cannot reach Label Studio at {self.base_url} to refresh the access token: {e}")
+        if r.status_code != 200:
+            raise ImageFetchError(
+                f"Label Studio rejected the personal access token at {url} (HTTP {r.status_code}): create a new one "
+                "in Account & Settings > Personal Access Token and set LABEL_STUDIO_API_KEY")
+        self._access = r.json()["access"]
+        claims = _jwt_claims(self._access) or {}
+        self._expires = float(claims.get("exp", time.time() + 300))
+
+
+class ImageFetcher:
+    """Fetch and decode task images with an in-memory LRU cache keyed by URL.
+
+    `max_bytes` caps downloads and files (checked before decoding); `timeout` is (connect, read) seconds.
+    """
+
+    def __init__(self, ls_url: str | None = None, api_key: str | None = None, timeout: tuple[float, float] = (5, 30),
+                 max_bytes: int = 50 * 2 ** 20, cache_size: int = 32, allow_local_paths: bool = True):
+        self.ls_url = ls_url.rstrip("/") if ls_url else None
+        self.auth = LabelStudioAuth(self.ls_url, api_key) if (self.ls_url and api_key) else None
+        self.timeout = timeout
+        self.max_bytes = max_bytes
+        self.allow_local_paths = allow_local_paths
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+        self.session = requests.Session()
+        self.hits = 0
+        self.misses = 0
+
+    def configure(self, ls_url: str | None, api_key: str | None) -> None:
+        """Set the Label Studio URL and key (e.g. from /setup) unless they were given already."""
+        if ls_url and not self.ls_url:
+            self.ls_url = ls_url.rstrip("/")
+        if api_key and self.ls_url and self.auth is None:
+            self.auth = LabelStudioAuth(self.ls_url, api_key)
+
+    def fetch(self, url: str, task_id: int | None = None) -> np.ndarray:
+        """The image at `url` as uint8 HxWx3 RGB; raises ImageFetchError with an actionable message."""
+        if not isinstance(url, str) or not url.strip():
+            raise ImageFetchError(f"task image value must be a non-empty string, got {url!r}")
+        key = url if not url.startswith("data:") else "data:" + hashlib.sha1(url.encode()).hexdigest()
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                self.hits += 1
+                return self._cache[key]
+        data = self._read_bytes(url.strip(), task_id)
+        try:
+            image = load_image(data)
+        except (ValueError, OSError) as e:
+            raise ImageFetchError(f"{_short(url)} is not a readable image: {e}") from e
+        with self._lock:
+            self.misses += 1
+            self._cache[key] = image
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return image
+
+    # ----------------------------------------------------------------- resolving
+    def _read_bytes(self, url: str, task_id: int | None) -> bytes:
+        if url.startswith("data:"):
+            return self._data_uri(url)
+        parsed = urlparse(url)
+        if parsed.scheme in ("http", "https"):
+            return self._download(url, self._is_label_studio(url))
+        if parsed.scheme in CLOUD_SCHEMES:
+            if task_id is None:
+                raise ImageFetchError(f"{url}: cloud storage URLs need the task id to be resolved by Label Studio")
+            encoded = base64.urlsafe_b64encode(url.encode()).decode()
+            return self._download(self._ls_join(f"/tasks/{task_id}/presign/?fileuri={quote(encoded)}", url), True)
+        if parsed.scheme == "file":
+            return self._local(Path(unquote(parsed.path)))
+        if url.startswith(LS_PATH_PREFIXES):
+            return self._download(self._ls_join(url, url), True)
+        if parsed.scheme == "" and self.allow_local_paths:
+            return self._local(Path(url))
+        raise ImageFetchError(f"{_short(url)}: unsupported image URL scheme {parsed.scheme!r}")
+
+    def _is_label_studio(self, url: str) -> bool:
+        if not self.ls_url:
+            return False
+        a, b = urlparse(url), urlparse(self.ls_url)
+        return (a.scheme, a.netloc) == (b.scheme, b.netloc)
+
+    def _ls_join(self, path: str, original: str) -> str:
+        if not self.ls_url:
+            raise ImageFetchError(
+                f"{_short(original)} is a Label Studio URL but the Label Studio address is unknown: set "
+                "LABEL_STUDIO_URL (e.g. http://localhost:8080) and LABEL_STUDIO_API_KEY for the backend")
+        return urljoin(self.ls_url + "/", path.lstrip("/"))
+
+    def _data_uri(self, url: str) -> bytes:
+        header, _, payload = url.partition(",")
+        try:
+            data = base64.b64decode(payload, validate=False) if header.endswith(";base64") else unquote(payload).encode()
+        except (binascii.Error, ValueError) as e:
+            raise ImageFetchError(f"malformed data URI: {e}") from e
+        self._check_size(len(data), "data URI")
+        return data
+
+    def _local(self, path: Path) -> bytes:
+        if not self.allow_local_paths:
+            raise ImageFetchError(f"{path}: local paths are disabled on this backend")
+        if not path.is_file():
+            raise ImageFetchError(f"{path}: no such file on the backend host")
+        self._check_size(path.stat().st_size, str(path))
+        return path.read_bytes()
+
+    def _check_size(self, size: int, what: str) -> None:
+        if size > self.max_bytes:
+            raise ImageFetchError(f"{_short(what)} is {size / 2 ** 20:.1f} MiB, over the "
+                                  f"{self.max_bytes / 2 ** 20:.0f} MiB limit (MAX_IMAGE_MB)")
+
+    def _download(self, url: str, with_auth: bool) -> bytes:
+        headers = {}
+        if with_auth:
+            if self.auth is None:
+                raise ImageFetchError(
+                    f"{_short(url)} needs Label Studio credentials: set LABEL_STUDIO_API_KEY (a personal access "
+                    "token or, if enabled in the organization, a legacy token)")
+            headers.update(self.auth.header())
+        try:
+            r = self._get(url, headers)
+            if r.status_code == 401 and with_auth and self.auth is not None and self.auth.is_personal_token:
+                r.close()
+                r = self._get(url, {**headers, **self.auth.header(force_refresh=True)})
+            with r:
+                if r.status_code in (401, 403) and with_auth:
+                    raise ImageFetchError(
+                        f"{_short(url)}: Label Studio refused the API key (HTTP {r.status_code}). Label Studio 1.23 "
+                        "disables legacy tokens by default: use a personal access token or enable legacy tokens in "
+                        "Organization > API Tokens Settings")
+                if r.status_code != 200:
+                    raise ImageFetchError(f"{_short(url)}: HTTP {r.status_code}")
+                length = r.headers.get("Content-Length")
+                if length and length.isdigit():
+                    self._check_size(int(length), url)
+                chunks, total = [], 0
+                for chunk in r.iter_content(1 << 16):
+                    total += len(chunk)
+                    self._check_size(total, url)
+                    chunks.append(chunk)
+                return b"".join(chunks)
+        except requests.Timeout as e:
+            raise ImageFetchError(f"{_short(url)}: timed out after {self.timeout} s") from e
+        except requests.RequestException as e:
+            raise ImageFetchError(f"{_short(url)}: download failed: {e}") from e
+
+    def _get(self, url: str, headers: dict[str, str]) -> requests.Response:
+        return self.session.get(url, headers=headers, timeout=self.timeout, stream=True)
+
+
+def _short(url: str, limit: int = 120) -> str:
+    return url if len(url) <= limit else url[:limit] + "..."
