@@ -68,15 +68,18 @@ def sd_feature_specs(unet: dict[str, Any], vae: dict[str, Any]) -> tuple[Feature
     """
     u = unet["block_out_channels"]
     v = vae["block_out_channels"]
+    # input of the last resnet of UNet up block i = its own width + the skip from down level i-1 (or 0)
+    ru = u[::-1]
+    up_in = [ru[i] + ru[min(i + 1, len(ru) - 1)] for i in range(len(ru))]
     return (
         FeatureSpec("vae_encoder", "down_blocks.2.resnets.1", v[2], 4, 4),
         FeatureSpec("vae_encoder", "down_blocks.3.resnets.1", v[3], 8, 8),
-        FeatureSpec("unet", "up_blocks.0.resnets.2", u[3] + u[3], 64, 32),
-        FeatureSpec("unet", "up_blocks.1.resnets.2", u[3] + u[2], 32, 32),
-        FeatureSpec("unet", "up_blocks.2.resnets.2", u[2] + u[1], 16, 16),
-        FeatureSpec("unet", "up_blocks.3.resnets.2", u[1] + u[0], 8, 8),
+        FeatureSpec("unet", "up_blocks.0.resnets.2", up_in[0], 64, 32),
+        FeatureSpec("unet", "up_blocks.1.resnets.2", up_in[1], 32, 32),
+        FeatureSpec("unet", "up_blocks.2.resnets.2", up_in[2], 16, 16),
+        FeatureSpec("unet", "up_blocks.3.resnets.2", up_in[3], 8, 8),
         FeatureSpec("vae_decoder", "up_blocks.0.resnets.2", v[3], 8, 8),
-        FeatureSpec("vae_decoder", "up_blocks.1.resnets.2", v[3], 4, 4),
+        FeatureSpec("vae_decoder", "up_blocks.1.resnets.2", v[2], 4, 4),
     )
 
 

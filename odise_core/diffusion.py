@@ -1,0 +1,157 @@
+"""Diffusion features with the implicit captioner: frozen SD VAE + UNet (diffusers), features by hooks.
+
+Each captured feature is the INPUT of a diffusers block (cfg.features). A forward-pre-hook stores it
+and, unless `full_networks` is set, aborts the network as soon as its last needed feature is taken,
+so the UNet's last resnet/attention/output conv and the VAE decoder's high-resolution tail never run.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from odise_core.config import DiffusionConfig, FeatureSpec
+from odise_core.weights import load_stable_diffusion
+
+SEQ_LEN = 77
+LATENT_SIZE = 64  # latent side of a 512 crop: the shape of the reference's shared noise
+STOPPABLE = ("unet", "vae_decoder")  # the VAE encoder always runs to the end: its output is the latent
+
+
+class _StopNetwork(Exception):
+    """Raised by a hook once a network has produced its last needed feature."""
+
+
+class PositionalLinear(nn.Module):
+    """Linear projection broadcast over a learnt positional embedding: (B,in) -> (B,seq_len,out)."""
+
+    def __init__(self, in_features: int, out_features: int, seq_len: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features)
+        self.positional_embedding = nn.Parameter(torch.zeros(1, seq_len, out_features))
+        nn.init.trunc_normal_(self.positional_embedding, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x).unsqueeze(1) + self.positional_embedding
+
+
+class DiffusionFeatureExtractor(nn.Module):
+    """Implicit captioner + SD feature capture. Trainable: alpha_cond, alpha_cond_time_embed,
+    clip_project, time_embed_project (official names); `unet`/`vae` are frozen."""
+
+    frozen_prefixes = ("unet.", "vae.")
+
+    def __init__(
+        self,
+        cfg: DiffusionConfig,
+        clip_dim: int,
+        full_networks: bool = False,
+        channels_last: bool = False,
+        sd: tuple[nn.Module, nn.Module, torch.Tensor] | None = None,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.specs: tuple[FeatureSpec, ...] = cfg.features
+        self.full_networks = full_networks
+        self.channels_last = channels_last
+        unet, vae, empty = sd if sd is not None else load_stable_diffusion(cfg)
+        self.unet = unet.eval().requires_grad_(False)
+        self.vae = vae.eval().requires_grad_(False)
+        if channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+            self.vae.to(memory_format=torch.channels_last)
+        self.register_buffer("empty_embedding", empty.detach().float().reshape(1, SEQ_LEN, -1), persistent=False)
+        gen = torch.Generator().manual_seed(cfg.noise_seed)
+        noise = torch.randn(1, cfg.latent_channels, LATENT_SIZE, LATENT_SIZE, generator=gen)
+        self.register_buffer("noise", noise, persistent=False)
+        betas = torch.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, cfg.num_train_timesteps, dtype=torch.float64) ** 2
+        alpha_bar = float(torch.cumprod(1.0 - betas, 0)[cfg.timestep])
+        self.signal_scale, self.noise_scale = alpha_bar**0.5, (1.0 - alpha_bar) ** 0.5
+
+        context_dim, time_dim = cfg.context_dim, cfg.time_embed_dim
+        self.clip_project = PositionalLinear(clip_dim, context_dim, SEQ_LEN)
+        self.alpha_cond = nn.Parameter(torch.zeros(1, SEQ_LEN, context_dim))
+        self.time_embed_project = PositionalLinear(clip_dim, time_dim, 1)
+        self.alpha_cond_time_embed = nn.Parameter(torch.zeros(time_dim))
+
+        self._captured: dict[int, torch.Tensor] | None = None
+        self._time_cond: torch.Tensor | None = None
+        self._last_index = {
+            src: max(i for i, s in enumerate(self.specs) if s.source == src) for src in {s.source for s in self.specs}
+        }
+        self._networks = {"vae_encoder": self.vae.encoder, "unet": self.unet, "vae_decoder": self.vae.decoder}
+        for index, spec in enumerate(self.specs):
+            block = self._networks[spec.source].get_submodule(spec.block)
+            block.register_forward_pre_hook(self._capture_hook(index), with_kwargs=True)
+        self.unet.time_embedding.register_forward_hook(self._time_embed_hook)
+
+    def train(self, mode: bool = True) -> "DiffusionFeatureExtractor":
+        """Only the captioner projections follow `mode`; SD stays in eval."""
+        super().train(mode)
+        self.unet.eval()
+        self.vae.eval()
+        return self
+
+    def _capture_hook(self, index: int) -> Any:
+        source = self.specs[index].source
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if self._captured is None:
+                return
+            x = args[0] if args else next(iter(kwargs.values()))
+            self._captured[index] = x
+            if not self.full_networks and source in STOPPABLE and self._last_index[source] == index:
+                raise _StopNetwork
+
+        return hook
+
+    def _time_embed_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        if self._time_cond is None:
+            return None
+        return output + self._time_cond.to(output.dtype)
+
+    def _run(self, fn: Any) -> Any:
+        try:
+            return fn()
+        except _StopNetwork:
+            return None
+
+    def conditioning(self, clip_embed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Implicit captioner: UNet context (B,77,C) and time-embedding offset (B,T) from CLIP embeddings."""
+        prefix = self.clip_project(clip_embed)
+        context = self.empty_embedding + torch.tanh(self.alpha_cond) * prefix
+        time_cond = torch.tanh(self.alpha_cond_time_embed) * self.time_embed_project(clip_embed)[:, 0]
+        return context, time_cond
+
+    def forward(self, crops01: torch.Tensor, clip_embed: torch.Tensor) -> list[torch.Tensor]:
+        """(B,3,w,w) crops in [0,1] and their CLIP embeddings (B,D) -> the 8 features in cfg order."""
+        dtype = next(self.unet.parameters()).dtype
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        x = (crops01 * 2.0 - 1.0).to(dtype).contiguous(memory_format=memory_format)
+        batch = x.shape[0]
+        self._captured = {}
+        try:
+            with torch.no_grad():
+                h = self.vae.encoder(x)
+                if self.vae.quant_conv is not None:
+                    h = self.vae.quant_conv(h)
+                latent = h[:, : self.cfg.latent_channels] * self.cfg.vae_scale
+            noise = self.noise
+            if noise.shape[-2:] != latent.shape[-2:]:
+                noise = F.interpolate(noise, size=latent.shape[-2:], mode="bicubic", align_corners=False)
+            noisy = self.signal_scale * latent + self.noise_scale * noise.to(latent.dtype)
+            context, self._time_cond = self.conditioning(clip_embed.to(self.alpha_cond.dtype))
+            timesteps = torch.full((batch,), self.cfg.timestep, dtype=torch.long, device=x.device)
+            self._run(lambda: self.unet(noisy, timesteps, encoder_hidden_states=context.to(dtype)))
+            self._time_cond = None
+            with torch.no_grad():
+                z = latent / self.cfg.vae_scale
+                if self.vae.post_quant_conv is not None:
+                    z = self.vae.post_quant_conv(z)
+                self._run(lambda: self.vae.decoder(z))
+            captured = self._captured
+        finally:
+            self._captured, self._time_cond = None, None
+        return [captured[i] for i in range(len(self.specs))]

@@ -1,0 +1,447 @@
+"""Locate, fetch and load the frozen pretrained parts (SD v1.3, CLIP) and the ODISE checkpoints.
+
+Nothing here reaches the network when the weights are already on disk, and when they are not and
+the network is unavailable (HF_HUB_OFFLINE=1, ODISE_OFFLINE=1 or the host does not answer within a
+few seconds), a `WeightsMissingError` names what is missing, where it looked and how to supply it.
+
+Environment variables:
+  ODISE_WEIGHTS_DIR   cache dir for downloads and derived constants (default ~/.cache/odise-label-studio)
+  ODISE_SD_WEIGHTS    Stable Diffusion v1.3: diffusers dir, single-file .ckpt/.safetensors or hub id
+  ODISE_CLIP_WEIGHTS  CLIP ViT-L-14-336: open_clip tag (e.g. "openai") or a local weights file
+  ODISE_CHECKPOINT    ODISE trainable weights: URL or local .pth
+  HF_HUB_OFFLINE / ODISE_OFFLINE   never touch the network
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import urllib.parse
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from odise_core.config import ClipConfig, DiffusionConfig, ModelConfig
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+logger = logging.getLogger(__name__)
+
+ENV_WEIGHTS_DIR = "ODISE_WEIGHTS_DIR"
+ENV_SD = "ODISE_SD_WEIGHTS"
+ENV_CLIP = "ODISE_CLIP_WEIGHTS"
+ENV_CHECKPOINT = "ODISE_CHECKPOINT"
+SD_CKPT_NAME = "sd-v1-3.ckpt"
+SD_DIFFUSERS_DIR_NAME = "stable-diffusion-v1-3"
+OPENAI_CLIP_FILES = {"ViT-L-14-336": "ViT-L-14-336px.pt"}
+HF_HOST = "huggingface.co"
+CONNECT_TIMEOUT = 3.0
+# SD v1's FrozenCLIPEmbedder: openai CLIP ViT-L/14 text tower, "" = BOS then EOS padding to 77.
+SD_TEXT_ENCODER: dict[str, Any] = {
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
+}
+BOS_TOKEN, EOS_TOKEN = 49406, 49407
+# Frozen or recomputed tensors a full reference state dict may carry; never part of our trainable keys.
+IGNORED_CHECKPOINT_PREFIXES = (
+    "backbone.feature_extractor.ldm_extractor.",
+    "backbone.feature_extractor.clip.",
+    "category_head.clip.",
+    "clip_head.",
+    "pixel_mean",
+    "pixel_std",
+)
+
+HOW_TO = (
+    "Supply the weights with the CLI flags or these environment variables: "
+    f"{ENV_SD}=<diffusers dir | sd-v1-3.ckpt | hub id>, {ENV_CLIP}=<file | open_clip tag>, "
+    f"{ENV_CHECKPOINT}=<.pth path | URL>, or place them in {ENV_WEIGHTS_DIR} "
+    f"({SD_CKPT_NAME} or {SD_DIFFUSERS_DIR_NAME}/, clip/ViT-L-14-336px.pt, checkpoints/<name>.pth). "
+    "Use --preset tiny for random weights."
+)
+
+
+class WeightsMissingError(RuntimeError):
+    """Pretrained weights are not on disk and cannot be downloaded now."""
+
+
+def weights_dir() -> Path:
+    """Cache directory for weights and derived constants (ODISE_WEIGHTS_DIR)."""
+    path = os.environ.get(ENV_WEIGHTS_DIR) or Path.home() / ".cache" / "odise-label-studio"
+    return Path(path).expanduser()
+
+
+def _offline() -> bool:
+    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("ODISE_OFFLINE", ""))
+    return any(f.strip().lower() in ("1", "true", "yes", "on") for f in flags)
+
+
+_REACHABLE: dict[str, bool] = {}
+
+
+def _reachable(host: str) -> bool:
+    """Whether `host`:443 accepts a TCP connection within CONNECT_TIMEOUT (cached per process)."""
+    if _offline():
+        return False
+    if host not in _REACHABLE:
+        try:
+            with socket.create_connection((host, 443), timeout=CONNECT_TIMEOUT):
+                _REACHABLE[host] = True
+        except OSError:
+            _REACHABLE[host] = False
+    return _REACHABLE[host]
+
+
+def _missing(what: str, looked: list[str], why: str) -> WeightsMissingError:
+    where = "; ".join(looked) if looked else "nowhere"
+    return WeightsMissingError(f"{what} not found ({why}). Looked in: {where}. {HOW_TO}")
+
+
+def _is_url(s: str) -> bool:
+    return urllib.parse.urlparse(s).scheme in ("http", "https")
+
+
+def _looks_like_path(s: str) -> bool:
+    return s.startswith(("/", ".", "~")) or s.endswith((".ckpt", ".safetensors", ".pt", ".pth", ".bin"))
+
+
+def _hf_cached(repo_id: str, filename: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, filename)
+    return isinstance(found, str)
+
+
+# ---------------------------------------------------------------------------------------- SD
+
+
+def resolve_sd_source(cfg: DiffusionConfig) -> tuple[str, str]:
+    """Return (kind, location) of the SD weights: kind is "dir", "file" or "hub"."""
+    source = os.environ.get(ENV_SD) or cfg.pretrained
+    if source is None:
+        return "random", ""
+    looked: list[str] = []
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return "dir", str(path)
+    if path.is_file():
+        return "file", str(path)
+    looked.append(str(path))
+    if _looks_like_path(source):
+        raise _missing(f"Stable Diffusion weights {source!r}", looked, "no such file or directory")
+    local_dir, local_ckpt = weights_dir() / SD_DIFFUSERS_DIR_NAME, weights_dir() / SD_CKPT_NAME
+    if (local_dir / "unet" / "config.json").is_file():
+        return "dir", str(local_dir)
+    if local_ckpt.is_file():
+        return "file", str(local_ckpt)
+    looked += [str(local_dir), str(local_ckpt), f"Hugging Face cache for {source}"]
+    if _hf_cached(source, "unet/config.json") or _reachable(HF_HOST):
+        return "hub", source
+    why = "offline (HF_HUB_OFFLINE/ODISE_OFFLINE)" if _offline() else f"{HF_HOST} unreachable"
+    raise _missing(f"Stable Diffusion v1.3 ({source})", looked, why)
+
+
+def _seeded_init(seed: int, build: Any) -> Any:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def _freeze(module: nn.Module) -> nn.Module:
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+def _torch_load(path: Path) -> dict[str, Any]:
+    """Load a checkpoint memory-mapped, tensors only; older pickles fall back to full unpickling."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - pickles with non-tensor objects (e.g. lightning callbacks)
+        logger.warning("%s is not a tensors-only checkpoint (%s); unpickling it fully", path, exc)
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+
+
+def _empty_prompt_cache_path(kind: str, location: str) -> Path:
+    ident = location
+    if kind in ("dir", "file"):
+        p = Path(location).resolve()
+        stat = (p / "text_encoder").stat() if kind == "dir" and (p / "text_encoder").exists() else p.stat()
+        ident = f"{p}:{stat.st_size}:{int(stat.st_mtime)}"
+    digest = hashlib.sha1(ident.encode()).hexdigest()[:16]
+    return weights_dir() / "sd-empty-prompt" / f"{digest}.pt"
+
+
+@torch.no_grad()
+def _encode_empty_prompt(text_encoder: nn.Module) -> torch.Tensor:
+    ids = torch.full((1, 77), EOS_TOKEN, dtype=torch.long)
+    ids[0, 0] = BOS_TOKEN
+    return text_encoder(input_ids=ids).last_hidden_state.float()
+
+
+def _text_encoder_from_state(state: dict[str, torch.Tensor]) -> nn.Module:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    prefix = "cond_stage_model.transformer."
+    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not weights:
+        raise WeightsMissingError(f"the SD checkpoint has no text encoder ({prefix}*) to encode the empty prompt")
+    weights = {(k if k.startswith("text_model.") else f"text_model.{k}"): v for k, v in weights.items()}
+    with torch.device("meta"):
+        model = CLIPTextModel(CLIPTextConfig(**SD_TEXT_ENCODER))
+    model.load_state_dict(weights, strict=False, assign=True)
+    model.text_model.embeddings.position_ids = torch.arange(77).unsqueeze(0)
+    return model.eval()
+
+
+def _empty_prompt_embedding(kind: str, location: str, state: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    """SD's (1,77,768) encoding of "": computed once with SD's text encoder, then cached on disk."""
+    cache = _empty_prompt_cache_path(kind, location)
+    if cache.is_file():
+        return torch.load(cache, map_location="cpu", weights_only=True)
+    if state is not None:
+        encoder = _text_encoder_from_state(state)
+    else:
+        from transformers import CLIPTextModel
+
+        encoder = CLIPTextModel.from_pretrained(location, subfolder="text_encoder", local_files_only=_offline())
+    embedding = _encode_empty_prompt(encoder)
+    del encoder
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(embedding, cache)
+    logger.info("cached the SD empty-prompt embedding at %s", cache)
+    return embedding
+
+
+def _load_single_file(cfg: DiffusionConfig, path: Path) -> tuple[nn.Module, nn.Module, dict[str, torch.Tensor]]:
+    """Build UNet/VAE on the meta device and assign the converted (memory-mapped) ldm tensors."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    raw = _torch_load(path)
+    state = raw.get("state_dict", raw) if isinstance(raw, dict) else raw
+    if not any(k.startswith("model.diffusion_model.") for k in state):
+        raise WeightsMissingError(f"{path} is not a Stable Diffusion v1 checkpoint (no model.diffusion_model.* keys)")
+    models = []
+    for cls, convert, config in (
+        (UNet2DConditionModel, convert_ldm_unet_checkpoint, cfg.unet),
+        (AutoencoderKL, convert_ldm_vae_checkpoint, cfg.vae),
+    ):
+        converted = convert(state, dict(config))
+        with torch.device("meta"):
+            model = cls(**config)
+        result = model.load_state_dict(converted, strict=False, assign=True)
+        if result.missing_keys:
+            raise WeightsMissingError(f"{path}: {len(result.missing_keys)} {cls.__name__} weights missing, "
+                                      f"e.g. {result.missing_keys[:5]}")
+        models.append(model)
+    return models[0], models[1], state
+
+
+def load_stable_diffusion(
+    cfg: DiffusionConfig, dtype: torch.dtype = torch.float32
+) -> tuple["UNet2DConditionModel", "AutoencoderKL", torch.Tensor]:
+    """Return frozen (unet, vae, empty_prompt_embedding (1,77,C)); random weights when cfg.pretrained is None."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    kind, location = resolve_sd_source(cfg)
+    if kind == "random":
+        unet = _seeded_init(cfg.noise_seed, lambda: UNet2DConditionModel(**cfg.unet))
+        vae = _seeded_init(cfg.noise_seed + 1, lambda: AutoencoderKL(**cfg.vae))
+        gen = torch.Generator().manual_seed(cfg.noise_seed + 2)
+        empty = torch.randn(1, 77, cfg.context_dim, generator=gen)
+    elif kind == "file":
+        unet, vae, state = _load_single_file(cfg, Path(location))
+        empty = _empty_prompt_embedding(kind, location, state)
+        del state
+    else:
+        local_only = _offline() or kind == "dir"
+        unet = UNet2DConditionModel.from_pretrained(location, subfolder="unet", local_files_only=local_only)
+        vae = AutoencoderKL.from_pretrained(location, subfolder="vae", local_files_only=local_only)
+        empty = _empty_prompt_embedding(kind, location, None)
+    if dtype != torch.float32:
+        unet, vae = unet.to(dtype), vae.to(dtype)
+    unet, vae = _freeze(unet), _freeze(vae)
+    logger.info("Stable Diffusion loaded (%s %s)", kind, location or "random weights")
+    return unet, vae, empty
+
+
+# -------------------------------------------------------------------------------------- CLIP
+
+
+def resolve_clip_source(cfg: ClipConfig) -> tuple[str, str]:
+    """Return (kind, location) of the CLIP weights: kind is "random", "file" or "tag"."""
+    source = os.environ.get(ENV_CLIP) or cfg.pretrained
+    if source is None:
+        return "random", ""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return "file", str(path)
+    if _looks_like_path(source):
+        raise _missing(f"CLIP weights {source!r}", [str(path)], "no such file")
+    looked = []
+    local_name = OPENAI_CLIP_FILES.get(cfg.model_name)
+    if source == "openai" and local_name:
+        for candidate in (weights_dir() / "clip" / local_name, Path.home() / ".cache" / "clip" / local_name):
+            if candidate.is_file():
+                return "file", str(candidate)
+            looked.append(str(candidate))
+    import open_clip
+
+    pcfg = open_clip.get_pretrained_cfg(cfg.model_name, source)
+    if not pcfg:
+        raise WeightsMissingError(f"open_clip has no pretrained tag {source!r} for {cfg.model_name}. {HOW_TO}")
+    hub = (pcfg.get("hf_hub") or "").strip("/")
+    if hub:
+        looked.append(f"Hugging Face cache for {hub}")
+        if any(_hf_cached(hub, f) for f in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")):
+            return "tag", source
+    url = pcfg.get("url") or ""
+    hosts = [HF_HOST] if hub else []
+    hosts += [urllib.parse.urlparse(url).hostname] if url else []
+    if any(h and _reachable(h) for h in hosts):
+        return "tag", source
+    why = "offline (HF_HUB_OFFLINE/ODISE_OFFLINE)" if _offline() else "download hosts unreachable"
+    raise _missing(f"CLIP {cfg.model_name} weights ({source})", looked, why)
+
+
+def load_clip(cfg: ClipConfig) -> nn.Module:
+    """Return a frozen open_clip CLIP model (open_clip tag, local file, or random/custom config)."""
+    import open_clip
+
+    kind, location = resolve_clip_source(cfg)
+    if kind == "random":
+        if cfg.custom is not None:
+            model = _seeded_init(0, lambda: open_clip.CLIP(**cfg.custom))
+        else:
+            model = _seeded_init(0, lambda: open_clip.create_model(cfg.model_name, pretrained=None))
+    elif kind == "file" and location.endswith(".pt") and _is_torchscript(Path(location)):
+        model = open_clip.load_openai_model(location, device="cpu", jit=False)
+    else:
+        model = open_clip.create_model(
+            cfg.model_name, pretrained=location, force_quick_gelu=location == "openai" or kind == "file",
+            cache_dir=str(weights_dir() / "clip"),
+        )
+    logger.info("CLIP %s loaded (%s %s)", cfg.model_name, kind, location or "random weights")
+    return _freeze(model.float())
+
+
+def _is_torchscript(path: Path) -> bool:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("constants.pkl") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+# ------------------------------------------------------------------------- ODISE checkpoint
+
+
+def _checkpoint_cache(url: str) -> Path:
+    return weights_dir() / "checkpoints" / Path(urllib.parse.urlparse(url).path).name
+
+
+def fetch_checkpoint(url_or_path: str) -> Path:
+    """Return a local path for an ODISE checkpoint, downloading a URL into weights_dir()/checkpoints."""
+    source = os.environ.get(ENV_CHECKPOINT) or url_or_path
+    if not _is_url(source):
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise _missing(f"ODISE checkpoint {source!r}", [str(path)], "no such file")
+        return path
+    dest = _checkpoint_cache(source)
+    if dest.is_file():
+        return dest
+    host = urllib.parse.urlparse(source).hostname or ""
+    if not _reachable(host):
+        why = "offline (HF_HUB_OFFLINE/ODISE_OFFLINE)" if _offline() else f"{host} unreachable"
+        raise _missing(f"ODISE checkpoint {source}", [str(dest)], why)
+    _download(source, dest)
+    return dest
+
+
+def _download(url: str, dest: Path) -> None:
+    import requests
+    from tqdm import tqdm
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(dest.suffix + ".part")
+    with requests.get(url, stream=True, timeout=(CONNECT_TIMEOUT, 60)) as response:
+        response.raise_for_status()
+        total = int(response.headers.get("content-length", 0)) or None
+        with open(tmp, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
+            for chunk in response.iter_content(1 << 20):
+                f.write(chunk)
+                bar.update(len(chunk))
+    tmp.replace(dest)
+
+
+def load_odise_checkpoint(model: nn.Module, url_or_path: str) -> None:
+    """Load ckpt["model"] into `model.trainable_state_dict()` keys strictly (raise on any mismatch)."""
+    path = fetch_checkpoint(url_or_path)
+    raw = _torch_load(path)
+    state = raw.get("model", raw) if isinstance(raw, dict) else raw
+    ignored = [k for k in state if k.startswith(IGNORED_CHECKPOINT_PREFIXES)]
+    state = {k: torch.as_tensor(v) for k, v in state.items() if not k.startswith(IGNORED_CHECKPOINT_PREFIXES)}
+    expected = model.trainable_state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(state) & set(expected))
+        if tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+        raise RuntimeError(
+            f"checkpoint {path} does not match the model: {len(missing)} missing {missing[:10]}, "
+            f"{len(unexpected)} unexpected {unexpected[:10]}, {len(mismatched)} shape mismatches {mismatched[:10]}"
+        )
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise RuntimeError(f"keys not in the model: {result.unexpected_keys[:10]}")
+    logger.info("loaded %d tensors from %s (%d frozen keys ignored)", len(state), path, len(ignored))
+
+
+def check_weights_available(cfg: ModelConfig) -> None:
+    """Fail at once, with one message listing every missing artefact, before any model is built."""
+    problems = []
+    checks = [lambda: resolve_sd_source(cfg.diffusion), lambda: resolve_clip_source(cfg.clip)]
+    if cfg.checkpoint is not None:
+        checks.append(lambda: _check_checkpoint(cfg.checkpoint))
+    for check in checks:
+        try:
+            check()
+        except WeightsMissingError as exc:
+            problems.append(str(exc).replace(f" {HOW_TO}", ""))
+    if problems:
+        raise WeightsMissingError(f"preset {cfg.name!r} cannot load its weights:\n- " + "\n- ".join(problems)
+                                  + f"\n{HOW_TO}")
+
+
+def _check_checkpoint(url_or_path: str) -> None:
+    """Like fetch_checkpoint, but only checks that a URL is cached or downloadable."""
+    source = os.environ.get(ENV_CHECKPOINT) or url_or_path
+    if not _is_url(source):
+        fetch_checkpoint(source)
+        return
+    dest = _checkpoint_cache(source)
+    host = urllib.parse.urlparse(source).hostname or ""
+    if not dest.is_file() and not _reachable(host):
+        why = "offline (HF_HUB_OFFLINE/ODISE_OFFLINE)" if _offline() else f"{host} unreachable"
+        raise _missing(f"ODISE checkpoint {source}", [str(dest)], why)
