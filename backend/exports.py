@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+from urllib.parse import parse_qs, unquote, urlparse
 
 import numpy as np
 from PIL import Image
@@ -135,9 +136,13 @@ def export_coco_panoptic(images: Iterable[ExportImage], categories: Sequence[Cat
     png_dir = out_dir / name
     png_dir.mkdir(parents=True, exist_ok=True)
     images_json, annotations = [], []
+    used: set[str] = set()
     for image in images:
         ids, info = panoptic_map(image, categories)
         png_name = f"{Path(image.file_name).stem}.png"
+        if png_name in used:
+            png_name = f"{Path(image.file_name).stem}_{image.id}.png"
+        used.add(png_name)
         Image.fromarray(id_to_rgb(ids)).save(png_dir / png_name)
         images_json.append(_image_json(image))
         annotations.append({"image_id": image.id, "file_name": png_name, "segments_info": info})
@@ -197,3 +202,145 @@ def segments_to_coco_json(segments: Sequence[Segment], vocab: Any, file_name: st
                     "bbox": _bbox(seg.mask), "segmentation": encode_rle(seg.mask)})
     return {"file_name": file_name, "height": h, "width": w, "categories": _categories_json(categories),
             "segments": out}
+
+
+# ----------------------------------------------------------------------------- Label Studio tasks
+FORMATS = ("panoptic", "instances")
+SOURCES = ("predictions", "annotations")
+
+
+def file_name_of(url: str) -> str:
+    """A dataset file name for a task image URL: the local-files path, else the URL's last path part."""
+    parsed = urlparse(url)
+    local = parse_qs(parsed.query).get("d")
+    if local:
+        return unquote(local[0])
+    return Path(unquote(parsed.path)).name or url
+
+
+def _chosen_results(task: dict[str, Any], source: str, model_version: str | None) -> tuple[list[dict], float] | None:
+    """(results, default score) of the task's latest annotation or prediction, None when there is none."""
+    from backend.training_data import select_annotation
+
+    if source == "annotations":
+        annotation = select_annotation(task)
+        return (annotation["result"], 1.0) if annotation else None
+    predictions = [p for p in task.get("predictions") or []
+                   if model_version is None or p.get("model_version") == model_version]
+    if not predictions:
+        return None
+    latest = max(enumerate(predictions), key=lambda ip: (str(ip[1].get("created_at") or ""), ip[0]))[1]
+    return latest.get("result") or [], float(latest.get("score") or 1.0)
+
+
+def tasks_to_export(tasks: Sequence[dict[str, Any]], label_config: str, source: str = "predictions",
+                    model_version: str | None = None) -> tuple[list[ExportImage], list[Category]]:
+    """Label Studio tasks (an export JSON or `odise-ls prelabel --folder` output) -> images with segments.
+
+    Uses the first polygon or brush control of the config (boxes carry no masks). Tasks without a
+    prediction/annotation, or without a region (their image size is then unknown), are skipped.
+    """
+    from backend.label_config import parse_label_config
+    from backend.training_data import result_mask
+
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
+    config = parse_label_config(label_config)
+    if len(config.targets) != 1:
+        raise ValueError(f"export needs a label config with one <Image>, this one has {len(config.targets)}")
+    target = config.targets[0]
+    masks = [(c, m) for c, m in zip(target.controls, target.label_of) if c.kind in ("polygon", "brush")]
+    if not masks:
+        raise ValueError("the label config has only RectangleLabels: boxes carry no masks to export")
+    control, label_of = masks[0]
+    class_of = {label: k for k, label in label_of.items()}
+    is_thing = [bool(t) for t in target.vocabulary.is_thing]
+    images: list[ExportImage] = []
+    skipped = 0
+    for i, task in enumerate(tasks):
+        chosen = _chosen_results(task, source, model_version)
+        regions = [r for r in (chosen[0] if chosen else [])
+                   if r.get("from_name") == control.name and r.get("to_name") == control.to_name]
+        if not regions:
+            skipped += 1
+            continue
+        h, w = int(regions[0]["original_height"]), int(regions[0]["original_width"])
+        segments = []
+        for region in regions:
+            labels = (region.get("value") or {}).get(control.tag.lower()) or []
+            k = class_of.get(labels[0]) if labels else None
+            if k is None:
+                log.warning("task %s: label %s is not in the label config; region skipped", task.get("id"), labels)
+                continue
+            mask = result_mask(region, h, w)
+            if mask is not None and mask.any():
+                segments.append(Segment(mask, k, float(region.get("score", chosen[1])), is_thing[k]))
+        url = str((task.get("data") or {}).get(target.data_key, f"task_{task.get('id', i + 1)}"))
+        images.append(ExportImage(int(task.get("id") or i + 1), file_name_of(url), h, w, segments))
+    if skipped:
+        log.warning("%d task(s) without %s regions on %s were skipped", skipped, source, control.name)
+    return images, categories_from_vocabulary(target.vocabulary)
+
+
+def export_tasks(tasks: Sequence[dict[str, Any]], label_config: str, out_dir: str | Path,
+                 formats: Sequence[str] = FORMATS, source: str = "predictions",
+                 model_version: str | None = None) -> list[Path]:
+    """Write the chosen COCO formats for Label Studio tasks into `out_dir`; returns the JSON paths."""
+    bad = set(formats) - set(FORMATS)
+    if bad:
+        raise ValueError(f"unknown export format(s) {', '.join(sorted(bad))}; choose from {', '.join(FORMATS)}")
+    images, categories = tasks_to_export(tasks, label_config, source, model_version)
+    out_dir = Path(out_dir)
+    paths = []
+    if "panoptic" in formats:
+        paths.append(export_coco_panoptic(images, categories, out_dir))
+    if "instances" in formats:
+        paths.append(export_coco_instances(images, categories, out_dir / "instances.json",
+                                           with_scores=source == "predictions"))
+    return paths
+
+
+# ----------------------------------------------------------------------------- command line
+def add_arguments(p: Any) -> None:
+    """The `odise-ls export` flags."""
+    import os
+
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--tasks", help="Label Studio JSON export, or the import JSON of `odise-ls prelabel --folder`")
+    where.add_argument("--project", type=int, help="read the tasks of this Label Studio project")
+    p.add_argument("--label-config", help="label config XML file (required with --tasks; read from the project "
+                                          "otherwise)")
+    p.add_argument("--ls-url", default=os.environ.get("LABEL_STUDIO_URL"),
+                   help="Label Studio address (env LABEL_STUDIO_URL)")
+    p.add_argument("--api-key", default=os.environ.get("LABEL_STUDIO_API_KEY"),
+                   help="personal access token or legacy token (env LABEL_STUDIO_API_KEY)")
+    p.add_argument("--format", choices=[*FORMATS, "both"], default="both",
+                   help="COCO panoptic (PNG + JSON), COCO instances (RLE JSON) or both")
+    p.add_argument("--source", choices=SOURCES, default="predictions",
+                   help="export the latest prediction or the latest accepted annotation of each task")
+    p.add_argument("--model-version", help="only predictions of this model version")
+    p.add_argument("--out", default="coco", help="output directory")
+
+
+def run_command(args: Any) -> list[Path]:
+    """`odise-ls export`: read tasks (file or project), write the COCO files; returns their JSON paths."""
+    if args.project is not None:
+        if not (args.ls_url and args.api_key):
+            raise ValueError("--project needs --ls-url and --api-key (or LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)")
+        from label_studio_sdk.client import LabelStudio
+
+        from backend.prelabel import project_tasks
+
+        client = LabelStudio(base_url=args.ls_url.rstrip("/"), api_key=args.api_key)
+        xml = Path(args.label_config).read_text() if args.label_config else \
+            client.projects.get(id=args.project).label_config
+        tasks = project_tasks(client, args.project)
+    else:
+        if not args.label_config:
+            raise ValueError("--tasks needs --label-config (the project's label config XML)")
+        xml = Path(args.label_config).read_text()
+        tasks = json.loads(Path(args.tasks).read_text())
+        if isinstance(tasks, dict):
+            tasks = [tasks]
+    formats = FORMATS if args.format == "both" else (args.format,)
+    return export_tasks(tasks, xml, args.out, formats=formats, source=args.source, model_version=args.model_version)

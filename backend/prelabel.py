@@ -1,0 +1,320 @@
+"""Batch pre-labeling: a whole Label Studio project, or a folder of images into an import JSON.
+
+Predictions are made by the same `backend.model.ODISEBackend` the server uses (same results,
+same model version string). Both modes are resumable (a task or image that already has a
+prediction of this model version is skipped), show a progress bar, list per-image failures
+without stopping, and overlap image fetching with compute: a small thread pool reads images
+ahead into the backend's image cache while the model works on the current one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence, TypeVar
+from urllib.parse import quote
+
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+LOCAL_FILES_PREFIX = "/data/local-files/?d="
+MAX_PREFETCH = 16  # read-ahead stays well inside the backend's image cache (32 images)
+
+
+class PredictionError(RuntimeError):
+    """The backend returned an error entry instead of a prediction; the message is the backend's."""
+
+
+@dataclass
+class Failure:
+    item: str
+    error: str
+
+
+@dataclass
+class PrelabelSummary:
+    """What a run did; `images_per_second` counts predicted items over the run's wall time."""
+
+    total: int = 0
+    predicted: int = 0
+    skipped: int = 0
+    failures: list[Failure] = field(default_factory=list)
+    seconds: float = 0.0
+    model_version: str = ""
+
+    @property
+    def images_per_second(self) -> float:
+        return self.predicted / self.seconds if self.seconds > 0 else 0.0
+
+    def format(self) -> str:
+        """A human-readable report, failures listed one per line."""
+        lines = [f"model version {self.model_version}: {self.total} item(s), {self.predicted} predicted, "
+                 f"{self.skipped} already done, {len(self.failures)} failed, {self.seconds:.1f} s "
+                 f"({self.images_per_second:.2f} images/s)"]
+        lines += [f"  FAILED {f.item}: {f.error}" for f in self.failures]
+        return "\n".join(lines)
+
+
+def run_overlapped(items: Sequence[T], fetch: Callable[[T], Any], compute: Callable[[T, Any], None],
+                   name: Callable[[T], str], workers: int = 2, prefetch: int = 4, progress: bool = True,
+                   desc: str = "prelabel") -> tuple[int, list[Failure], float]:
+    """Run `fetch` on a thread pool up to `prefetch` items ahead while `compute` runs here, in order.
+
+    Returns (items computed, failures, wall seconds). A failing fetch or compute is recorded and
+    the run goes on.
+    """
+    failures: list[Failure] = []
+    done = 0
+    ahead = max(1, min(prefetch, MAX_PREFETCH))
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="prefetch") as pool, \
+            tqdm(total=len(items), desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        pending: deque[tuple[T, Future]] = deque()
+        queue = iter(items)
+
+        def refill() -> None:
+            for item in queue:
+                pending.append((item, pool.submit(fetch, item)))
+                if len(pending) >= ahead:
+                    return
+
+        refill()
+        while pending:
+            item, future = pending.popleft()
+            refill()
+            try:
+                compute(item, future.result())
+                done += 1
+            except Exception as e:  # noqa: BLE001 - one bad image must not stop a 10,000-image run
+                failures.append(Failure(name(item), str(e) if isinstance(e, PredictionError)
+                                        else f"{type(e).__name__}: {e}"))
+                log.warning("%s failed: %s", name(item), e)
+            bar.update(1)
+            bar.set_postfix(failed=len(failures), refresh=False)
+    return done, failures, time.perf_counter() - start
+
+
+def _has_version(predictions: Iterable[dict[str, Any]] | None, model_version: str) -> bool:
+    return any(p.get("model_version") == model_version for p in predictions or [])
+
+
+class _Runner:
+    """Prefetch and predict Label Studio task dicts with an ODISEBackend."""
+
+    def __init__(self, backend: Any, config: Any, model: Any, version: str):
+        self.backend, self.config, self.model, self.version = backend, config, model, version
+
+    def fetch(self, task: dict[str, Any]) -> None:
+        """Warm the backend's image cache with every image of the task."""
+        data = task.get("data") or {}
+        for target in self.config.targets:
+            if target.data_key in data:
+                self.backend.fetcher.fetch(data[target.data_key], task_id=task.get("id"))
+
+    def predict(self, task: dict[str, Any]) -> dict[str, Any]:
+        prediction = self.backend.predict_task(task, self.config, self.model, self.version)
+        if "result" not in prediction:
+            raise PredictionError(prediction.get("error", "prediction failed"))
+        return prediction
+
+
+# ----------------------------------------------------------------------------- folder mode
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files under `folder` (recursively), sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist")
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def image_url(path: Path, document_root: Path, url_prefix: str = LOCAL_FILES_PREFIX) -> str:
+    """The URL Label Studio serves `path` at: the prefix plus the path relative to its document root."""
+    try:
+        rel = path.resolve().relative_to(document_root.resolve())
+    except ValueError:
+        raise ValueError(f"{path} is not under the document root {document_root}; pass --document-root "
+                         "(Label Studio's LOCAL_FILES_DOCUMENT_ROOT on this machine)") from None
+    return url_prefix + quote(rel.as_posix(), safe="/")
+
+
+class ImportFile:
+    """A Label Studio import JSON plus an append-only journal, so an interrupted run loses at most one image."""
+
+    def __init__(self, path: str | Path, data_key: str):
+        self.path = Path(path)
+        self.data_key = data_key
+        self.journal = self.path.with_name(self.path.name + ".partial.jsonl")
+        self.tasks: dict[str, dict[str, Any]] = {}
+        if self.path.exists():
+            for task in json.loads(self.path.read_text()):
+                self.tasks[task["data"][data_key]] = task
+        if self.journal.exists():
+            for line in self.journal.read_text().splitlines():
+                if line.strip():
+                    self._merge(json.loads(line))
+
+    def _merge(self, entry: dict[str, Any]) -> None:
+        task = self.tasks.setdefault(entry["url"], {"data": {self.data_key: entry["url"]}, "predictions": []})
+        task.setdefault("predictions", []).append(entry["prediction"])
+
+    def add(self, url: str, prediction: dict[str, Any]) -> None:
+        entry = {"url": url, "prediction": prediction}
+        self._merge(entry)
+        with self.journal.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def done(self, url: str, model_version: str) -> bool:
+        return _has_version(self.tasks.get(url, {}).get("predictions"), model_version)
+
+    def write(self) -> None:
+        """Write the JSON atomically and drop the journal."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(list(self.tasks.values()), indent=1))
+        tmp.replace(self.path)
+        self.journal.unlink(missing_ok=True)
+
+
+def prelabel_folder(backend: Any, label_config: str, folder: str | Path, out_json: str | Path,
+                    document_root: str | Path | None = None, url_prefix: str = LOCAL_FILES_PREFIX,
+                    workers: int = 2, prefetch: int = 4, progress: bool = True) -> PrelabelSummary:
+    """Predict every image of `folder` into a Label Studio import JSON (tasks with predictions).
+
+    Images are referenced as `url_prefix + path relative to document_root` (default: the folder's
+    parent), which is how Label Studio serves local files. An existing output is extended.
+    """
+    config = backend.parse_config(label_config)
+    if len(config.targets) != 1:
+        raise ValueError(f"folder mode needs a label config with one <Image>, this one has {len(config.targets)}")
+    data_key = config.targets[0].data_key
+    version, model = backend.model_for(None)
+    folder = Path(folder)
+    root = Path(document_root) if document_root is not None else folder.resolve().parent
+    out = ImportFile(out_json, data_key)
+    images = list_images(folder)
+    # Read by the backend as file:// URIs, referenced in the output by their Label Studio URL.
+    urls = {p.resolve().as_uri(): image_url(p, root, url_prefix) for p in images}
+    todo = [{"id": None, "data": {data_key: uri}} for uri, url in urls.items() if not out.done(url, version)]
+    summary = PrelabelSummary(total=len(images), skipped=len(images) - len(todo), model_version=version)
+    runner = _Runner(backend, config, model, version)
+
+    def compute(task: dict[str, Any], _: None) -> None:
+        out.add(urls[task["data"][data_key]], runner.predict(task))
+
+    try:
+        summary.predicted, summary.failures, summary.seconds = run_overlapped(
+            todo, runner.fetch, compute, name=lambda t: urls[t["data"][data_key]], workers=workers, prefetch=prefetch,
+            progress=progress)
+    finally:
+        out.write()
+    log.info("import JSON with %d task(s) written to %s", len(out.tasks), out.path)
+    return summary
+
+
+# ----------------------------------------------------------------------------- project mode
+def project_tasks(client: Any, project_id: int) -> list[dict[str, Any]]:
+    """All tasks of a project with their predictions, as plain dicts."""
+    out = []
+    for task in client.tasks.list(project=project_id, fields="all"):
+        out.append(task.model_dump() if hasattr(task, "model_dump") else dict(task))
+    return out
+
+
+def prelabel_project(backend: Any, client: Any, project_id: int, workers: int = 2, prefetch: int = 4,
+                     progress: bool = True) -> PrelabelSummary:
+    """Create a prediction on every task of the project that has none of the serving model version.
+
+    The label config is read from the project; the model is the project's promoted fine-tune if
+    there is one (as the server would use), else the base model.
+    """
+    project = client.projects.get(id=project_id)
+    config = backend.parse_config(project.label_config)
+    version, model = backend.model_for(str(project_id))
+    tasks = project_tasks(client, project_id)
+    todo = [t for t in tasks if not _has_version(t.get("predictions"), version)]
+    summary = PrelabelSummary(total=len(tasks), skipped=len(tasks) - len(todo), model_version=version)
+    runner = _Runner(backend, config, model, version)
+
+    def compute(task: dict[str, Any], _: None) -> None:
+        prediction = runner.predict(task)
+        client.predictions.create(task=int(task["id"]), result=prediction["result"], score=prediction.get("score"),
+                                  model_version=version)
+
+    summary.predicted, summary.failures, summary.seconds = run_overlapped(
+        todo, runner.fetch, compute, name=lambda t: f"task {t['id']}", workers=workers, prefetch=prefetch,
+        progress=progress)
+    return summary
+
+
+# ----------------------------------------------------------------------------- command line
+def add_arguments(p: Any) -> None:
+    """The `odise-ls prelabel` flags (model flags are added by the CLI)."""
+    import os
+
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--project", type=int, help="Label Studio project id: predictions are created on its tasks")
+    where.add_argument("--folder", help="folder of images: predictions go to an import JSON (--out)")
+    p.add_argument("--ls-url", default=os.environ.get("LABEL_STUDIO_URL"),
+                   help="Label Studio address, e.g. http://localhost:8080 (env LABEL_STUDIO_URL)")
+    p.add_argument("--api-key", default=os.environ.get("LABEL_STUDIO_API_KEY"),
+                   help="personal access token or legacy token (env LABEL_STUDIO_API_KEY)")
+    config = p.add_mutually_exclusive_group()
+    config.add_argument("--label-config", help="folder mode: the project's label config XML file")
+    config.add_argument("--labels", help='folder mode: vocabulary instead of a config, e.g. "cat,dog:puppy,grass"')
+    p.add_argument("--kind", choices=["polygon", "brush", "rectangle"], default="polygon",
+                   help="folder mode with --labels: the region type to predict")
+    p.add_argument("--out", default="prelabel.json", help="folder mode: import JSON to write or extend")
+    p.add_argument("--document-root", default=os.environ.get("LOCAL_FILES_DOCUMENT_ROOT"),
+                   help="folder mode: Label Studio's local-files root on this machine (env LOCAL_FILES_DOCUMENT_ROOT; "
+                        "default: the folder's parent)")
+    p.add_argument("--url-prefix", default=LOCAL_FILES_PREFIX, help="folder mode: image URL prefix in the JSON")
+    p.add_argument("--model-dir", default=os.environ.get("MODEL_DIR"),
+                   help="fine-tuned model versions; a project's promoted version is used (env MODEL_DIR)")
+    p.add_argument("--workers", type=int, default=2, help="image fetching threads")
+    p.add_argument("--prefetch", type=int, default=4, help=f"images read ahead of the model (max {MAX_PREFETCH})")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_command(args: Any) -> PrelabelSummary:
+    """`odise-ls prelabel`: build the backend from flags/env, run one mode, return the summary.
+
+    Raises ValueError (bad flags/config) or backend.model.ModelLoadFailed (weights missing).
+    """
+    import os
+
+    from backend.label_config import make_label_config
+    from backend.model import BackendSettings, ModelLoadFailed, ODISEBackend
+
+    if args.weights_dir:
+        os.environ["ODISE_WEIGHTS_DIR"] = args.weights_dir
+    if args.project is not None and not (args.ls_url and args.api_key):
+        raise ValueError("--project needs --ls-url and --api-key (or LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)")
+    if args.folder is not None and not (args.label_config or args.labels):
+        raise ValueError("--folder needs --label-config FILE or --labels TEXT to know what to predict")
+    settings = BackendSettings.from_env(preset=args.preset, device=args.device, label_studio_url=args.ls_url,
+                                        api_key=args.api_key, model_dir=Path(args.model_dir) if args.model_dir else None)
+    backend = ODISEBackend(settings)
+    backend.start_loading(background=False)
+    if backend.error:
+        raise ModelLoadFailed(backend.error)
+    options = dict(workers=args.workers, prefetch=args.prefetch, progress=not args.no_progress)
+    if args.project is not None:
+        from label_studio_sdk.client import LabelStudio
+
+        client = LabelStudio(base_url=args.ls_url.rstrip("/"), api_key=args.api_key)
+        return prelabel_project(backend, client, args.project, **options)
+    if args.label_config:
+        xml = Path(args.label_config).read_text()
+    else:
+        from odise_core.vocabulary import Vocabulary
+
+        xml = make_label_config(Vocabulary.from_text(args.labels), kind=args.kind)
+    return prelabel_folder(backend, xml, args.folder, args.out, document_root=args.document_root,
+                           url_prefix=args.url_prefix, **options)
