@@ -23,7 +23,52 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_predict(sub)
+    _add_prelabel(sub)
+    _add_export(sub)
     return parser
+
+
+def _add_prelabel(sub: argparse._SubParsersAction) -> None:
+    from backend import prelabel
+
+    p = sub.add_parser("prelabel", help="pre-label a Label Studio project, or a folder into an import JSON")
+    prelabel.add_arguments(p)
+    _add_model_args(p)
+    p.set_defaults(func=_run_prelabel)
+
+
+def _run_prelabel(args: argparse.Namespace) -> int:
+    from backend.model import ModelLoadFailed
+    from backend.prelabel import run_command
+
+    try:
+        summary = run_command(args)
+    except (ValueError, FileNotFoundError, ModelLoadFailed) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary.format())
+    return 1 if summary.failures else 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    from backend import exports
+
+    p = sub.add_parser("export", help="Label Studio predictions/annotations -> COCO panoptic and instances")
+    exports.add_arguments(p)
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from backend.exports import run_command
+
+    try:
+        paths = run_command(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    return 0
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
