@@ -20,6 +20,7 @@ tasks (default 8).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as dt
 import json
@@ -279,13 +280,17 @@ def ground_truth_segments(sample: Any, is_thing: Any) -> list[Segment]:
     return [Segment(np.asarray(m, dtype=bool), int(c), 1.0, flags[int(c)]) for m, c in zip(sample.masks, sample.classes)]
 
 
-def evaluate_model(model: Any, samples: list[Any], vocab: Any) -> EvalResult:
-    """PQ / mask AP / mIoU of `model.predict` on samples (panoptic for PQ and mIoU, instances for AP)."""
+def evaluate_model(model: Any, samples: list[Any], vocab: Any, lock: Any = None) -> EvalResult:
+    """PQ / mask AP / mIoU of `model.predict` on samples (panoptic for PQ and mIoU, instances for AP).
+
+    `lock` (optional) is held around each forward pass.
+    """
     flags = [bool(t) for t in vocab.is_thing]
     ev = Evaluator(list(vocab.names), flags)
     for s in samples:
-        pred = model.predict(s.image, vocab, mode="panoptic")
-        inst = model.predict(s.image, vocab, mode="instance")
+        with lock if lock is not None else contextlib.nullcontext():
+            pred = model.predict(s.image, vocab, mode="panoptic")
+            inst = model.predict(s.image, vocab, mode="instance")
         ev.add(pred, ground_truth_segments(s, flags), instances=inst)
     return ev.summarize()
 
@@ -324,12 +329,18 @@ class JobManager:
     odise_core.training.finetune with `default_finetune_options()` (use functools.partial(run_finetune,
     options=...) for others). `on_promoted(project, version)` is called after a promotion
     so the server can swap the model it serves.
+
+    `model_lock` guards the frozen backbone that serving and training models share (its feature
+    hooks are not re-entrant): jobs hold it for every forward pass they make, one image at a
+    time, and the server must hold it around its own forward passes.
     """
 
     def __init__(self, model_dir: str | Path, policy: TrainPolicy | None = None,
                  finetune_fn: Callable[[Any, TrainingData, Any, Job], Any] = run_finetune,
-                 on_promoted: Callable[[str, str], None] | None = None, base_preset: str | None = None):
+                 on_promoted: Callable[[str, str], None] | None = None, base_preset: str | None = None,
+                 model_lock: Any = None):
         self.store = VersionStore(model_dir)
+        self.model_lock = model_lock if model_lock is not None else threading.Lock()
         self.policy = policy or TrainPolicy()
         self.finetune_fn = finetune_fn
         self.on_promoted = on_promoted
@@ -436,6 +447,19 @@ class JobManager:
         if job._stop.is_set():
             raise JobCancelled()
 
+    def _lock_feature_extraction(self, candidate: Any) -> None:
+        """Make the candidate's backbone passes (feature caching in the fine-tune) hold `model_lock`."""
+        extract = getattr(candidate, "extract_features", None)
+        if extract is None:
+            return
+        lock = self.model_lock
+
+        def locked(*args: Any, **kwargs: Any) -> Any:
+            with lock:
+                return extract(*args, **kwargs)
+
+        object.__setattr__(candidate, "extract_features", locked)
+
     def _run(self, job: Job, previous: threading.Thread | None, fetch: FetchFn, model: Any, vocab: Any,
              min_annotations: int) -> None:
         try:
@@ -454,13 +478,14 @@ class JobManager:
             job.state = "training"
             t0 = time.perf_counter()
             candidate = clone_for_training(model)
+            self._lock_feature_extraction(candidate)
             self.finetune_fn(candidate, data, vocab, job)
             self._check(job)
             train_seconds = time.perf_counter() - t0
             job.state = "evaluating"
-            after = evaluate_model(candidate, data.holdout, vocab) if data.holdout else None
+            after = evaluate_model(candidate, data.holdout, vocab, self.model_lock) if data.holdout else None
             self._check(job)
-            before = evaluate_model(model, data.holdout, vocab) if data.holdout else None
+            before = evaluate_model(model, data.holdout, vocab, self.model_lock) if data.holdout else None
             self._check(job)
             promote = after is not None and before is not None and after.pq > before.pq
             job.metrics = {"holdout_before": before.as_dict() if before else None,

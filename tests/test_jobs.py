@@ -315,3 +315,12 @@ def test_kill_9_mid_training_leaves_previous_version_serving(tmp_path, mode):
         restarted.store.load_state_dict("7", v)
     job = restarted.submit("7", fetch_fn(), served, VOCAB)
     assert job.wait(30) and job.state == "done"
+
+
+def test_jobs_hold_the_shared_model_lock_for_forward_passes(tmp_path):
+    m = manager(tmp_path, set_quality(1.0))
+    with m.model_lock:  # the server is busy with a forward pass
+        job = m.submit("7", fetch_fn(), FakeModel(), VOCAB)
+        time.sleep(0.5)
+        assert job.state == "evaluating" and not job.wait(0)
+    assert job.wait(10) and job.state == "done"
