@@ -161,7 +161,8 @@ def parse_label_config(xml: str) -> ProjectConfig:
 
 
 def _image_target(to_name: str, data_key: str, controls: list[ControlSpec]) -> ImageTarget:
-    """Union vocabulary of the controls on one image; a label shared by two controls is predicted once."""
+    """Union vocabulary of the controls on one image; a label shared by two controls is predicted once
+    (with the union of its synonyms)."""
     classes: list[LabelSpec] = []
     index: dict[str, int] = {}
     label_of: list[dict[int, str]] = []
@@ -172,9 +173,12 @@ def _image_target(to_name: str, data_key: str, controls: list[ControlSpec]) -> I
             if k is None:
                 k = index[spec.value] = len(classes)
                 classes.append(spec)
-            elif classes[k] != spec:
-                raise LabelConfigError(f'label "{spec.value}" is defined differently in two control tags on '
-                                       f'<Image name="{to_name}">: give it the same predicted_values/category')
+            elif classes[k].is_thing != spec.is_thing:
+                raise LabelConfigError(f'label "{spec.value}" is a thing in one control tag and stuff in another on '
+                                       f'<Image name="{to_name}">: give it the same category')
+            else:
+                merged = tuple(dict.fromkeys(classes[k].synonyms + spec.synonyms))
+                classes[k] = LabelSpec(spec.value, merged, spec.is_thing)
             mapping[k] = spec.value
         label_of.append(mapping)
     vocab = Vocabulary([s.vocab_class() for s in classes])
