@@ -22,10 +22,82 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="odise-ls", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    _add_label_config(sub)
     _add_predict(sub)
     _add_prelabel(sub)
     _add_export(sub)
     return parser
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    import os
+
+    p = sub.add_parser("serve", help="run the Label Studio ML backend (HTTP); connect it in Settings > Model")
+    p.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"), help="bind address (env HOST)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("PORT", "9090")), help="port (env PORT)")
+    p.add_argument("--threads", type=int, default=8, help="request threads")
+    p.add_argument("--model-dir", default=os.environ.get("MODEL_DIR"),
+                   help="fine-tuned model versions (env MODEL_DIR)")
+    p.add_argument("--label-studio-url", default=os.environ.get("LABEL_STUDIO_URL"),
+                   help="Label Studio address for uploaded images and annotations (env LABEL_STUDIO_URL)")
+    p.add_argument("--api-key", default=os.environ.get("LABEL_STUDIO_API_KEY"),
+                   help="Label Studio personal access token or legacy token (env LABEL_STUDIO_API_KEY)")
+    _add_model_args(p)
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from werkzeug.serving import make_server
+
+    from backend.app import create_app
+    from backend.model import BackendSettings, ODISEBackend
+
+    if args.weights_dir:
+        os.environ["ODISE_WEIGHTS_DIR"] = args.weights_dir
+    settings = BackendSettings.from_env(preset=args.preset, device=args.device, label_studio_url=args.label_studio_url,
+                                        api_key=args.api_key, model_dir=Path(args.model_dir) if args.model_dir else None)
+    backend = ODISEBackend(settings)
+    backend.start_loading(background=True)
+    server = make_server(args.host, args.port, create_app(backend), threaded=True)
+    logging.getLogger("odise-ls").info("ODISE ML backend (%s) on http://%s:%d", args.preset, args.host, server.port)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        backend.jobs.shutdown(timeout=10)
+    return 0
+
+
+def _add_label_config(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("label-config", help="print a Label Studio label config for a label list or dataset")
+    vocab = p.add_mutually_exclusive_group(required=True)
+    vocab.add_argument("--labels", help='labels, e.g. "cat, dog:puppy|doggy, grass (stuff)"')
+    vocab.add_argument("--dataset", choices=["coco", "ade20k"], help="COCO panoptic 133 or ADE20K 150 with synonyms")
+    p.add_argument("--kind", choices=["polygon", "brush", "rectangle"], default="polygon", help="control tag")
+    p.set_defaults(func=_run_label_config)
+
+
+def _run_label_config(args: argparse.Namespace) -> int:
+    from backend.label_config import make_label_config
+    from odise_core.vocabulary import Vocabulary
+
+    try:
+        vocab = Vocabulary.from_text(args.labels) if args.labels else (
+            Vocabulary.coco_panoptic() if args.dataset == "coco" else Vocabulary.ade20k_150())
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if len(vocab) == 0:
+        print("error: --labels is empty", file=sys.stderr)
+        return 2
+    sys.stdout.write(make_label_config(vocab, kind=args.kind))
+    return 0
 
 
 def _add_prelabel(sub: argparse._SubParsersAction) -> None:
