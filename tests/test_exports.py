@@ -119,3 +119,60 @@ def test_segments_to_coco_json_record_decodes_back():
         rle = {**rec["segmentation"], "counts": rec["segmentation"]["counts"].encode()}
         assert np.array_equal(mask_utils.decode(rle).astype(bool), seg.mask)
         assert rec["score"] == pytest.approx(seg.score, abs=1e-4)
+
+
+def _ls_tasks(kind: str) -> tuple[list[dict], list[ExportImage], str]:
+    """Label Studio tasks whose predictions are the synthetic scenes, shaped by backend.results."""
+    from backend.label_config import make_label_config, parse_label_config
+    from backend.results import ResultOptions, image_regions
+    from odise_core.vocabulary import VocabClass, Vocabulary
+
+    vocab = Vocabulary([VocabClass(n, (n,), t) for n, t in zip(CLASS_NAMES, IS_THING)])
+    xml = make_label_config(vocab, kind=kind)
+    target = parse_label_config(xml).targets[0]
+    options = ResultOptions(tolerance=0.0, min_area=0)
+    images = _scenes()
+    tasks = [{"id": 100 + im.id, "data": {"image": f"/data/local-files/?d=photos/{im.file_name}"},
+              "predictions": [{"model_version": "old", "score": 0.1, "result": []},
+                              {"model_version": "v1", "score": 0.7,
+                               "result": image_regions(im.segments, target.controls, target.label_of, options)}]}
+             for im in images]
+    return tasks, images, xml
+
+
+def test_label_studio_brush_predictions_export_exactly(tmp_path):
+    from backend.exports import export_tasks
+
+    tasks, images, xml = _ls_tasks("brush")
+    pan, inst = export_tasks(tasks, xml, tmp_path, model_version="v1")
+    data = json.loads(pan.read_text())
+    assert [im["file_name"] for im in data["images"]] == [f"photos/{im.file_name}" for im in images]
+    assert [im["id"] for im in data["images"]] == [100 + im.id for im in images]
+    cat_index = {c["id"]: i for i, c in enumerate(data["categories"])}
+    for image, ann in zip(images, data["annotations"]):
+        ids = rgb_to_id(np.asarray(Image.open(tmp_path / "panoptic" / ann["file_name"]).convert("RGB")))
+        decoded = sorted((cat_index[s["category_id"]], (ids == s["id"]).tobytes()) for s in ann["segments_info"])
+        assert decoded == sorted((s.class_index, s.mask.tobytes()) for s in image.segments)
+    coco = COCO(str(inst))
+    for image in images:
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=[100 + image.id]))
+        got = sorted((a["category_id"] - 1, coco.annToMask(a).astype(bool).tobytes()) for a in anns)
+        assert got == sorted((s.class_index, s.mask.tobytes()) for s in image.segments if s.is_thing)
+
+
+def test_label_studio_polygon_predictions_export_close_and_empty_tasks_are_skipped(tmp_path):
+    from backend.exports import tasks_to_export
+
+    tasks, images, xml = _ls_tasks("polygon")
+    tasks.append({"id": 999, "data": {"image": "/data/upload/1/x.jpg"}, "predictions": []})
+    exported, categories = tasks_to_export(tasks, xml, model_version="v1")
+    assert [c.name for c in categories] == list(CLASS_NAMES)
+    assert len(exported) == len(images)
+    for got, want in zip(exported, images):
+        assert sorted(s.class_index for s in got.segments) == sorted(s.class_index for s in want.segments)
+        for seg in want.segments:
+            iou = max((s.mask & seg.mask).sum() / (s.mask | seg.mask).sum()
+                      for s in got.segments if s.class_index == seg.class_index)
+            assert iou > 0.8, (seg.class_index, iou)
+    with pytest.raises(ValueError, match="only RectangleLabels"):
+        tasks_to_export(_ls_tasks("rectangle")[0], _ls_tasks("rectangle")[2])
