@@ -149,7 +149,7 @@ class ImageFetcher:
             return self._local(Path(unquote(parsed.path)))
         if url.startswith(LS_PATH_PREFIXES):
             return self._download(self._ls_join(url, url), True)
-        if parsed.scheme == "" and self.allow_local_paths:
+        if parsed.scheme == "":
             return self._local(Path(url))
         raise ImageFetchError(f"{_short(url)}: unsupported image URL scheme {parsed.scheme!r}")
 
