@@ -14,6 +14,7 @@ from torch import nn
 from odise_core.backbone import ODISEBackbone
 from odise_core.clip import ClipModel
 from odise_core.config import ModelConfig
+from odise_core.diffusion import DiffusionFeatureExtractor
 from odise_core.head import CategoryHead, clip_class_logits, geometric_ensemble
 from odise_core.mask_decoder import SemSegHead
 from odise_core.postprocess import instance_inference, panoptic_inference, resize_mask_logits, semantic_inference
@@ -47,11 +48,14 @@ class ODISE(nn.Module):
     FROZEN_PREFIXES = ("clip.", "backbone.feature_extractor.unet.", "backbone.feature_extractor.vae.")
 
     def __init__(self, cfg: ModelConfig, clip: ClipModel, unet: nn.Module, vae: nn.Module,
-                 empty_prompt_embedding: torch.Tensor, text_cache: TextEmbeddingCache | None = None):
+                 empty_prompt_embedding: torch.Tensor, text_cache: TextEmbeddingCache | None = None,
+                 full_networks: bool = False):
         super().__init__()
         self.cfg = cfg
         self.clip = clip
-        self.backbone = ODISEBackbone(cfg, clip, unet, vae, empty_prompt_embedding)
+        extractor = DiffusionFeatureExtractor(cfg.diffusion, clip.dim, full_networks=full_networks,
+                                              sd=(unet, vae, empty_prompt_embedding))
+        self.backbone = ODISEBackbone(cfg, clip, feature_extractor=extractor)
         self.sem_seg_head = SemSegHead(cfg, self.backbone.out_channels, self.backbone.out_strides)
         self.category_head = CategoryHead(cfg.head, clip_dim=cfg.clip.embed_dim)
         self.criterion = SetCriterion(COCO_TRAIN_CLASSES) if cfg.head.kind == "label" else None
@@ -67,7 +71,7 @@ class ODISE(nn.Module):
         """Build the model with the weights named by `cfg`; fails at once when weights are missing."""
         weights.check_weights_available(cfg)
         torch.manual_seed(cfg.seed)
-        clip = weights.load_clip(cfg.clip)
+        clip = ClipModel(cfg.clip, weights.load_clip(cfg.clip))
         unet, vae, empty = weights.load_stable_diffusion(cfg.diffusion)
         model = cls(cfg, clip, unet, vae, empty, text_cache=text_cache)
         if cfg.checkpoint is not None:
