@@ -5,6 +5,8 @@ import argparse
 import logging
 import sys
 
+from backend.learning_cli import add_commands as add_learning_commands
+
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by every command that builds a model."""
@@ -27,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(sub)
     _add_prelabel(sub)
     _add_export(sub)
+    add_learning_commands(sub, _add_model_args)
     return parser
 
 

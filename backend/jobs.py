@@ -219,14 +219,19 @@ class VersionStore:
         if current is None:
             raise ValueError(f"project {project} serves the base model; nothing to roll back")
         earlier = [v for v in self.versions(project) if v < current and self.metadata(project, v).get("promoted")]
-        d = self.project_dir(project)
         if earlier:
             self.promote(project, earlier[-1])
             return earlier[-1]
-        os.remove(d / CURRENT)
-        _fsync_dir(d)
-        log.info("project %s rolled back to the base model", project)
+        self.serve_base(project)
         return None
+
+    def serve_base(self, project: str | int) -> None:
+        """Serve the base model for `project` (its versions stay on disk)."""
+        d = self.project_dir(project)
+        if (d / CURRENT).exists():
+            os.remove(d / CURRENT)
+            _fsync_dir(d)
+        log.info("project %s now serves the base model", project)
 
     def load_state_dict(self, project: str | int, version: str) -> dict[str, torch.Tensor]:
         self.metadata(project, version)

@@ -187,30 +187,48 @@ def build_training_data(tasks: Iterable[dict], class_names: Sequence[str], load_
             continue
         usable.append((int(task["id"]), sample))
 
-    held = {tid for tid, _ in usable if holdout_key(tid) < holdout_fraction}
-    if holdout_fraction > 0 and len(usable) >= 2:
-        ordered = sorted(usable, key=lambda ts: holdout_key(ts[0]))
+    data = split_samples(usable, holdout_fraction)
+    data.skipped = skipped
+    log.info("training data: %d train, %d held out, skipped %s", len(data.train), len(data.holdout), dict(skipped))
+    return data
+
+
+def split_samples(items: Sequence[tuple[int, TrainSample]], holdout_fraction: float) -> TrainingData:
+    """Split (id, sample) pairs by `holdout_key(id) < holdout_fraction`.
+
+    With at least two samples and a positive fraction, at least one is held out and at least one is
+    trained on.
+    """
+    if not 0.0 <= holdout_fraction < 1.0:
+        raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
+    held = {tid for tid, _ in items if holdout_key(tid) < holdout_fraction}
+    if holdout_fraction > 0 and len(items) >= 2:
+        ordered = sorted(items, key=lambda ts: holdout_key(ts[0]))
         if not held:
             held = {ordered[0][0]}
-        if len(held) == len(usable):
+        if len(held) == len(items):
             held.discard(ordered[-1][0])
-    data = TrainingData(train=[], holdout=[], skipped=skipped)
-    for tid, sample in usable:
+    data = TrainingData(train=[], holdout=[])
+    for tid, sample in items:
         if tid in held:
             data.holdout.append(sample)
             data.holdout_task_ids.append(tid)
         else:
             data.train.append(sample)
             data.train_task_ids.append(tid)
-    log.info("training data: %d train, %d held out, skipped %s", len(data.train), len(data.holdout), dict(skipped))
     return data
 
 
-def fetch_annotated_tasks(client: Any, project_id: int) -> list[dict]:
-    """All tasks of a project that have annotations, as plain dicts, via a label-studio-sdk client."""
+def fetch_tasks(client: Any, project_id: int, only_annotated: bool = False) -> list[dict]:
+    """Tasks of a project with their annotations, as plain dicts, via a label-studio-sdk client."""
     tasks = []
-    for task in client.tasks.list(project=project_id, fields="all", only_annotated=True):
+    for task in client.tasks.list(project=project_id, fields="all"):
         item = task.model_dump() if hasattr(task, "model_dump") else dict(task)
-        if item.get("annotations"):
+        if item.get("annotations") or not only_annotated:
             tasks.append(item)
     return tasks
+
+
+def fetch_annotated_tasks(client: Any, project_id: int) -> list[dict]:
+    """All tasks of a project that have annotations."""
+    return fetch_tasks(client, project_id, only_annotated=True)
