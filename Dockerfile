@@ -56,9 +56,9 @@ VOLUME ["/data/weights", "/data/models"]
 USER 1000:1000
 EXPOSE 9090
 
-# Building the full model takes minutes on first start (weights are read from /data/weights).
+# /health answers while the model loads (minutes on first start); unhealthy when loading failed.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=600s --retries=3 \
-    CMD ["/bin/sh", "-c", "curl -fsS http://127.0.0.1:${PORT}/health || exit 1"]
+    CMD ["/bin/sh", "-c", "curl -fsS http://127.0.0.1:${PORT}/health | python3 -c 'import json,sys; sys.exit(json.load(sys.stdin).get(\"model_state\") == \"failed\")'"]
 
 ENTRYPOINT ["odise-entrypoint"]
 CMD ["serve"]

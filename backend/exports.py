@@ -310,7 +310,7 @@ def add_arguments(p: Any) -> None:
     where.add_argument("--project", type=int, help="read the tasks of this Label Studio project")
     p.add_argument("--label-config", help="label config XML file (required with --tasks; read from the project "
                                           "otherwise)")
-    p.add_argument("--ls-url", default=os.environ.get("LABEL_STUDIO_URL"),
+    p.add_argument("--label-studio-url", default=os.environ.get("LABEL_STUDIO_URL"),
                    help="Label Studio address (env LABEL_STUDIO_URL)")
     p.add_argument("--api-key", default=os.environ.get("LABEL_STUDIO_API_KEY"),
                    help="personal access token or legacy token (env LABEL_STUDIO_API_KEY)")
@@ -325,13 +325,14 @@ def add_arguments(p: Any) -> None:
 def run_command(args: Any) -> list[Path]:
     """`odise-ls export`: read tasks (file or project), write the COCO files; returns their JSON paths."""
     if args.project is not None:
-        if not (args.ls_url and args.api_key):
-            raise ValueError("--project needs --ls-url and --api-key (or LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)")
+        if not (args.label_studio_url and args.api_key):
+            raise ValueError("--project needs --label-studio-url and --api-key "
+                         "(or LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)")
         from label_studio_sdk.client import LabelStudio
 
         from backend.prelabel import project_tasks
 
-        client = LabelStudio(base_url=args.ls_url.rstrip("/"), api_key=args.api_key)
+        client = LabelStudio(base_url=args.label_studio_url.rstrip("/"), api_key=args.api_key)
         xml = Path(args.label_config).read_text() if args.label_config else \
             client.projects.get(id=args.project).label_config
         tasks = project_tasks(client, args.project)

@@ -261,7 +261,7 @@ def add_arguments(p: Any) -> None:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--project", type=int, help="Label Studio project id: predictions are created on its tasks")
     where.add_argument("--folder", help="folder of images: predictions go to an import JSON (--out)")
-    p.add_argument("--ls-url", default=os.environ.get("LABEL_STUDIO_URL"),
+    p.add_argument("--label-studio-url", default=os.environ.get("LABEL_STUDIO_URL"),
                    help="Label Studio address, e.g. http://localhost:8080 (env LABEL_STUDIO_URL)")
     p.add_argument("--api-key", default=os.environ.get("LABEL_STUDIO_API_KEY"),
                    help="personal access token or legacy token (env LABEL_STUDIO_API_KEY)")
@@ -294,12 +294,14 @@ def run_command(args: Any) -> PrelabelSummary:
 
     if args.weights_dir:
         os.environ["ODISE_WEIGHTS_DIR"] = args.weights_dir
-    if args.project is not None and not (args.ls_url and args.api_key):
-        raise ValueError("--project needs --ls-url and --api-key (or LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)")
+    if args.project is not None and not (args.label_studio_url and args.api_key):
+        raise ValueError("--project needs --label-studio-url and --api-key "
+                         "(or LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)")
     if args.folder is not None and not (args.label_config or args.labels):
         raise ValueError("--folder needs --label-config FILE or --labels TEXT to know what to predict")
-    settings = BackendSettings.from_env(preset=args.preset, device=args.device, label_studio_url=args.ls_url,
-                                        api_key=args.api_key, model_dir=Path(args.model_dir) if args.model_dir else None)
+    settings = BackendSettings.from_env(preset=args.preset, device=args.device,
+                                        label_studio_url=args.label_studio_url, api_key=args.api_key,
+                                        model_dir=Path(args.model_dir) if args.model_dir else None)
     backend = ODISEBackend(settings)
     backend.start_loading(background=False)
     if backend.error:
@@ -308,7 +310,7 @@ def run_command(args: Any) -> PrelabelSummary:
     if args.project is not None:
         from label_studio_sdk.client import LabelStudio
 
-        client = LabelStudio(base_url=args.ls_url.rstrip("/"), api_key=args.api_key)
+        client = LabelStudio(base_url=args.label_studio_url.rstrip("/"), api_key=args.api_key)
         return prelabel_project(backend, client, args.project, **options)
     if args.label_config:
         xml = Path(args.label_config).read_text()

@@ -1,6 +1,7 @@
 """Deployment files: Dockerfile lint and content, compose wiring, and the entrypoint run outside Docker."""
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import os
@@ -44,6 +45,10 @@ def _instructions(text: str) -> list[tuple[str, str]]:
     return out
 
 
+def _health_instruction() -> str:
+    return next(a for k, a in _instructions(DOCKERFILE.read_text()) if k == "HEALTHCHECK")
+
+
 # ----------------------------------------------------------------------------- Dockerfile
 def test_hadolint_passes_on_dockerfile():
     proc = subprocess.run([_tool("hadolint"), "--no-color", str(DOCKERFILE)], capture_output=True, text=True)
@@ -80,7 +85,7 @@ def test_dockerfile_contract():
     volumes = json.loads(next(a for k, a in ins if k == "VOLUME"))
     assert weights in volumes and models in volumes
 
-    health = next(a for k, a in ins if k == "HEALTHCHECK")
+    health = _health_instruction()
     assert "/health" in health and "${PORT}" in health
 
     entry = json.loads(next(a for k, a in ins if k == "ENTRYPOINT"))
@@ -166,27 +171,30 @@ def _entry_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def test_entrypoint_serves_health_on_localhost(tmp_path):
+@contextlib.contextmanager
+def _served(tmp_path: Path, **extra: str):
+    """Run the entrypoint (no arguments = serve) on a free localhost port; yields (port, env, final /health)."""
     port = _free_port()
-    env = _entry_env(tmp_path, HOST="127.0.0.1", PORT=str(port))
+    env = _entry_env(tmp_path, HOST="127.0.0.1", PORT=str(port), **extra)
     proc = subprocess.Popen(["sh", str(ENTRYPOINT)], env=env, cwd=tmp_path, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 180
-        body = None
+        body: dict = {}
         while time.monotonic() < deadline and proc.poll() is None:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
                     assert resp.status == 200
                     body = json.loads(resp.read())
+                if body.get("model_state") != "loading":
                     break
             except OSError:
-                time.sleep(0.5)
-        if body is None:
+                pass
+            time.sleep(0.5)
+        if not body:
             os.killpg(proc.pid, signal.SIGTERM)
             pytest.fail(f"server never answered /health:\n{proc.communicate(timeout=30)[0]}")
-        assert body["status"] == "UP"
-        assert (tmp_path / "models").is_dir() and (tmp_path / "weights").is_dir()
+        yield port, env, body
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -195,6 +203,29 @@ def test_entrypoint_serves_health_on_localhost(tmp_path):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+def _docker_healthcheck(env: dict[str, str], port: int) -> int:
+    """Exit code of the image's HEALTHCHECK command run here."""
+    check = json.loads(re.search(r"CMD (\[.*\])", _health_instruction()).group(1))
+    return subprocess.run(check, env={**env, "PORT": str(port)}, capture_output=True, timeout=30).returncode
+
+
+def test_entrypoint_serves_health_on_localhost(tmp_path):
+    with _served(tmp_path) as (port, env, body):
+        assert body["status"] == "UP" and body["preset"] == "tiny"
+        assert body["model_state"] == "ready", body
+        assert (tmp_path / "models").is_dir() and (tmp_path / "weights").is_dir()
+        if shutil.which("curl"):
+            assert _docker_healthcheck(env, port) == 0
+
+
+def test_healthcheck_reports_a_model_that_failed_to_load(tmp_path):
+    with _served(tmp_path, PRESET="odise-label-coco", HF_HUB_OFFLINE="1") as (port, env, body):
+        assert body["status"] == "UP" and body["model_state"] == "failed"
+        assert str(tmp_path / "weights") in body["error"]
+        if shutil.which("curl"):
+            assert _docker_healthcheck(env, port) == 1
 
 
 def test_entrypoint_routes_commands(tmp_path):
