@@ -149,8 +149,9 @@ class ODISEBackend:
                                     timeout=(5.0, self.settings.image_timeout),
                                     max_bytes=int(self.settings.max_image_mb * 2 ** 20),
                                     allow_local_paths=self.settings.allow_local_paths)
+        self._predict_lock = threading.Lock()
         self.jobs = JobManager(self.settings.model_dir, on_promoted=self._on_promoted,
-                               base_preset=self.settings.preset)
+                               base_preset=self.settings.preset, model_lock=self._predict_lock)
         self.state = ModelState.LOADING
         self.error: str | None = None
         self.model: Any = None
@@ -159,7 +160,6 @@ class ODISEBackend:
         self._configs: OrderedDict[str, ProjectConfig] = OrderedDict()
         self._job_projects: dict[str, str] = {}
         self._lock = threading.Lock()
-        self._predict_lock = threading.Lock()
         self._loaded = threading.Event()
         self._load_started = 0.0
         self.load_seconds: float | None = None

@@ -1,0 +1,253 @@
+"""The ML backend HTTP protocol: health, setup, predict, webhook, versions, metrics, errors, auth, loading.
+
+A stand-in model (bright pixels = first label, the rest = second) keeps these tests fast and exact;
+the real tiny ODISE model goes through the same code in tests/e2e against a real Label Studio.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from backend.app import create_app
+from backend.model import BackendSettings, ODISEBackend
+from backend.training_data import TrainingData
+from odise_core.geometry import mask_iou, polygons_to_mask
+from odise_core.training import TrainSample
+from odise_core.types import RawPrediction, Segment
+
+CONFIG = """<View><Image name="image" value="$image"/>
+<PolygonLabels name="label" toName="image"><Label value="Bright"/><Label value="Dark" category="stuff"/>
+</PolygonLabels></View>"""
+H, W = 60, 80
+
+
+class StandIn(nn.Module):
+    """Segments bright pixels as class 0 and the rest as class 1; crashes on an all-black image."""
+
+    FROZEN_PREFIXES = ()
+
+    def __init__(self, weight: float = 0.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor([weight]))
+        self.cfg = SimpleNamespace(name="stand-in")
+        self.calls = 0
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.weight.detach().clone()}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.weight.data.copy_(state["weight"])
+
+    def predict_raw(self, image: np.ndarray, vocab, mode: str = "panoptic") -> RawPrediction:
+        self.calls += 1
+        if image.max() == 0:
+            raise RuntimeError("simulated crash inside the model")
+        bright = image.mean(-1) > 128
+        segs = [Segment(bright, 0, 0.9, True, 0), Segment(~bright, 1, 0.7, False, 1)]
+        probs = torch.tensor([[0.9, 0.05, 0.05], [0.1, 0.7, 0.2]])
+        return RawPrediction(segs, probs, torch.zeros(2, *bright.shape), bright.shape)
+
+
+def _image(value: int | None = None) -> np.ndarray:
+    img = np.zeros((H, W, 3), np.uint8)
+    if value is None:
+        img[10:40, 20:60] = 255
+    else:
+        img[:] = value
+    return img
+
+
+def _data_uri(img: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _backend(tmp_path: Path, factory=None, **settings) -> ODISEBackend:
+    s = BackendSettings.from_env({}, preset="stand-in", model_dir=tmp_path / "models", **settings)
+    return ODISEBackend(s, model_factory=factory or (lambda _: StandIn()))
+
+
+@pytest.fixture
+def ready(tmp_path: Path):
+    backend = _backend(tmp_path)
+    backend.start_loading(background=False)
+    app = create_app(backend)
+    return backend, app.test_client()
+
+
+def _predict(client, tasks, config=CONFIG, project="3.1700000000"):
+    return client.post("/predict", json={"tasks": tasks, "label_config": config, "project": project,
+                                         "params": {"login": None, "password": None, "context": None}})
+
+
+def test_health_setup_predict(ready) -> None:
+    backend, client = ready
+    health = client.get("/health").get_json()
+    assert health["status"] == "UP" and health["model_state"] == "ready"
+    assert client.get("/").get_json() == health
+    setup = client.post("/setup", json={"project": "3.1700000000", "schema": CONFIG, "hostname": "http://ls:8080",
+                                        "access_token": "abc123", "extra_params": None})
+    assert setup.status_code == 200
+    version = setup.get_json()["model_version"]
+    assert version.startswith("odise-stand-in-")
+    assert backend.fetcher.ls_url == "http://ls:8080", "setup's hostname locates Label Studio uploads"
+
+    r = _predict(client, [{"id": 7, "data": {"image": _data_uri(_image())}}])
+    assert r.status_code == 200
+    body = r.get_json()
+    assert body["model_version"] == version
+    (pred,) = body["results"]
+    assert pred["model_version"] == version and 0.0 <= pred["score"] <= 1.0
+    labels = [reg["value"]["polygonlabels"] for reg in pred["result"]]
+    assert labels == [["Bright"], ["Dark"]]
+    bright = pred["result"][0]
+    pts = np.asarray(bright["value"]["points"]) / 100 * [W, H]
+    assert mask_iou(polygons_to_mask([pts], H, W), _image().mean(-1) > 128) == 1.0
+    assert bright["from_name"] == "label" and bright["to_name"] == "image" and bright["type"] == "polygonlabels"
+
+
+def test_one_bad_task_does_not_fail_the_batch(ready) -> None:
+    backend, client = ready
+    tasks = [{"id": 1, "data": {"image": _data_uri(_image())}},
+             {"id": 2, "data": {"image": _data_uri(_image(0))}},  # the model crashes on it
+             {"id": 3, "data": {"image": "data:text/plain;base64," + base64.b64encode(b"hello").decode()}},
+             {"id": 4, "data": {"picture": "x"}},
+             {"id": 5, "data": {"image": _data_uri(_image(200))}}]
+    r = _predict(client, tasks)
+    assert r.status_code == 200
+    results = r.get_json()["results"]
+    assert len(results) == 5
+    assert "result" in results[0] and "result" in results[4]
+    for res, expected in zip(results[1:4], ["simulated crash", "not a readable image", 'no data field "image"']):
+        assert "result" not in res, "Label Studio must not store an empty prediction for a failed task"
+        assert expected in res["error"]
+    # the server keeps serving
+    assert "result" in _predict(client, tasks[:1]).get_json()["results"][0]
+    metrics = client.get("/metrics").get_json()
+    assert metrics["tasks_predicted"] == 6 and metrics["task_errors"] == 3
+    assert metrics["requests"]["predict"] == 2
+
+
+def test_bad_requests_get_json_errors(ready) -> None:
+    _, client = ready
+    r = client.post("/predict", data="not json", content_type="application/json")
+    assert r.status_code == 400 and "JSON object" in r.get_json()["error"]
+    assert client.post("/predict", json={"label_config": CONFIG}).status_code == 400
+    r = client.post("/setup", json={"project": "1.1", "schema": "<View><Text name='t' value='$t'/></View>"})
+    assert r.status_code == 400 and "PolygonLabels" in r.get_json()["error"]
+    r = _predict(client, [{"id": 1, "data": {}}], config="<View/>")
+    assert r.status_code == 400
+    assert client.get("/nope").status_code == 404 and "error" in client.get("/nope").get_json()
+    assert client.get("/predict").status_code == 405 and "error" in client.get("/predict").get_json()
+
+
+def test_loading_answers_503_with_retry_after(tmp_path: Path) -> None:
+    gate = threading.Event()
+
+    def slow(_):
+        gate.wait(10)
+        return StandIn()
+
+    backend = _backend(tmp_path, factory=slow)
+    client = create_app(backend).test_client()
+    backend.start_loading(background=True)
+    assert client.get("/health").get_json()["model_state"] == "loading"
+    r = _predict(client, [{"id": 1, "data": {"image": _data_uri(_image())}}])
+    assert r.status_code == 503 and int(r.headers["Retry-After"]) > 0 and "loading" in r.get_json()["error"]
+    assert client.post("/setup", json={"project": "1.1", "schema": CONFIG}).status_code == 503
+    bad = client.post("/setup", json={"project": "1.1", "schema": "<View/>"})
+    assert bad.status_code == 400, "config errors are reported even while the model loads"
+    gate.set()
+    assert backend.wait_ready(10)
+    assert _predict(client, [{"id": 1, "data": {"image": _data_uri(_image())}}]).status_code == 200
+
+
+def test_load_failure_is_reported(tmp_path: Path) -> None:
+    def broken(_):
+        raise RuntimeError("weights missing: put sd-v1-3.ckpt in /weights")
+
+    backend = _backend(tmp_path, factory=broken)
+    backend.start_loading(background=False)
+    client = create_app(backend).test_client()
+    health = client.get("/health").get_json()
+    assert health["model_state"] == "failed" and "sd-v1-3.ckpt" in health["error"]
+    r = client.post("/setup", json={"project": "1.1", "schema": CONFIG})
+    assert r.status_code == 500 and "sd-v1-3.ckpt" in r.get_json()["error"]
+
+
+def test_model_version_follows_weights(tmp_path: Path) -> None:
+    versions = []
+    for weight in (0.0, 0.0, 1.0):
+        backend = _backend(tmp_path / str(len(versions)), factory=lambda _, w=weight: StandIn(w))
+        backend.start_loading(background=False)
+        versions.append(backend.model_version())
+    assert versions[0] == versions[1] != versions[2]
+    client = create_app(backend).test_client()
+    assert client.get("/versions?project=4.17").get_json() == {"versions": [versions[2]]}
+
+
+def test_basic_auth(tmp_path: Path) -> None:
+    backend = _backend(tmp_path)
+    backend.start_loading(background=False)
+    client = create_app(backend, basic_auth=("ls", "s3cret")).test_client()
+    r = client.get("/health")
+    assert r.status_code == 401 and r.headers["WWW-Authenticate"].startswith("Basic")
+    assert client.get("/health", auth=("ls", "wrong")).status_code == 401
+    assert client.get("/health", auth=("ls", "s3cret")).status_code == 200
+
+
+def test_webhooks(ready) -> None:
+    _, client = ready
+    project = {"id": 3, "label_config": CONFIG}
+    r = client.post("/webhook", json={"action": "TASKS_CREATED", "project": project})
+    assert r.status_code == 200 and r.get_json()["status"] == "ignored"
+    r = client.post("/webhook", json={"action": "START_TRAINING", "project": project})
+    assert r.status_code == 400 and "LABEL_STUDIO_URL" in r.get_json()["error"]
+    assert client.post("/webhook", json={"project": project}).status_code == 400
+    assert client.post("/job_status", json={"job": "nope"}).status_code == 410
+
+
+def test_training_does_not_block_predictions(tmp_path: Path, monkeypatch) -> None:
+    backend = _backend(tmp_path)
+    backend.start_loading(background=False)
+    client = create_app(backend).test_client()
+    started, release = threading.Event(), threading.Event()
+
+    def finetune(model, data, vocab, job) -> None:
+        started.set()
+        release.wait(20)
+        model.weight.data.fill_(5.0)
+
+    img = _image()
+    sample = TrainSample(image=img, masks=(img.mean(-1) > 128)[None], classes=np.array([0]))
+    backend.jobs.finetune_fn = finetune
+    monkeypatch.setattr(backend, "_training_fetcher",
+                        lambda project_id, target: lambda fraction: TrainingData(train=[sample], holdout=[]))
+    r = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 9, "label_config": CONFIG}})
+    assert r.status_code == 200 and r.get_json()["status"] == "started"
+    job_id = r.get_json()["job"]
+    assert started.wait(10)
+    t0 = time.perf_counter()
+    pred = _predict(client, [{"id": 1, "data": {"image": _data_uri(img)}}], project="9.1")
+    assert pred.status_code == 200 and "result" in pred.get_json()["results"][0]
+    assert time.perf_counter() - t0 < 5, "a running fine-tune must not hold up predictions"
+    assert client.post("/job_status", json={"job": job_id}).get_json()["job_status"] == "training"
+    release.set()
+    assert backend.jobs.job("9").wait(20)
+    status = client.post("/job_status", json={"job": job_id}).get_json()
+    assert status["job_status"] == "finished" and status["version"]
+    # Without held-out tasks the fine-tune is stored but not promoted: the base version keeps serving.
+    assert client.post("/setup", json={"project": "9.1", "schema": CONFIG}).get_json()["model_version"] == \
+        backend.base_version
+    assert len(client.get("/versions?project=9.1").get_json()["versions"]) == 2
