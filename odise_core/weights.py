@@ -186,8 +186,34 @@ def _empty_prompt_cache_path(kind: str, location: str) -> Path:
     return weights_dir() / "sd-empty-prompt" / f"{digest}.pt"
 
 
+def sd_text_encoder_config(cfg: DiffusionConfig) -> dict[str, Any]:
+    """SD's text encoder config; scaled down to the UNet's context width for small presets."""
+    width = cfg.context_dim
+    if width == SD_TEXT_ENCODER["hidden_size"]:
+        return dict(SD_TEXT_ENCODER)
+    return {**SD_TEXT_ENCODER, "hidden_size": width, "intermediate_size": 4 * width, "num_hidden_layers": 2,
+            "num_attention_heads": max(1, width // 32), "projection_dim": width}
+
+
+def load_sd_text_encoder(cfg: DiffusionConfig) -> nn.Module:
+    """SD's own text encoder (frozen), from the same source as the UNet/VAE; seeded random when pretrained=None."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    kind, location = resolve_sd_source(cfg)
+    if kind == "random":
+        encoder = _seeded_init(cfg.noise_seed + 2, lambda: CLIPTextModel(CLIPTextConfig(**sd_text_encoder_config(cfg))))
+    elif kind == "file":
+        raw = _torch_load(Path(location))
+        encoder = _text_encoder_from_state(raw.get("state_dict", raw))
+    else:
+        encoder = CLIPTextModel.from_pretrained(location, subfolder="text_encoder",
+                                                local_files_only=_offline() or kind == "dir")
+    return _freeze(encoder)
+
+
 @torch.no_grad()
-def _encode_empty_prompt(text_encoder: nn.Module) -> torch.Tensor:
+def encode_empty_prompt(text_encoder: nn.Module) -> torch.Tensor:
+    """SD's (1,77,C) encoding of "": BOS then EOS padding, last hidden state."""
     ids = torch.full((1, 77), EOS_TOKEN, dtype=torch.long)
     ids[0, 0] = BOS_TOKEN
     return text_encoder(input_ids=ids).last_hidden_state.float()
@@ -219,7 +245,7 @@ def _empty_prompt_embedding(kind: str, location: str, state: dict[str, torch.Ten
         from transformers import CLIPTextModel
 
         encoder = CLIPTextModel.from_pretrained(location, subfolder="text_encoder", local_files_only=_offline())
-    embedding = _encode_empty_prompt(encoder)
+    embedding = encode_empty_prompt(encoder)
     del encoder
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save(embedding, cache)
@@ -262,8 +288,7 @@ def load_stable_diffusion(
     if kind == "random":
         unet = _seeded_init(cfg.noise_seed, lambda: UNet2DConditionModel(**cfg.unet))
         vae = _seeded_init(cfg.noise_seed + 1, lambda: AutoencoderKL(**cfg.vae))
-        gen = torch.Generator().manual_seed(cfg.noise_seed + 2)
-        empty = torch.randn(1, 77, cfg.context_dim, generator=gen)
+        empty = encode_empty_prompt(load_sd_text_encoder(cfg))
     elif kind == "file":
         unet, vae, state = _load_single_file(cfg, Path(location))
         empty = _empty_prompt_embedding(kind, location, state)

@@ -1,0 +1,73 @@
+"""A reference-equivalent ODISE: the same outputs, with the redundant work the reference pipeline does.
+
+Used only to measure what the optimised `ODISE` saves (benchmarks/latency.py). The reference
+builds CLIP three times (captioner, category-head text, MaskCLIP), keeps SD's text encoder and
+re-encodes "" on every forward, re-encodes the vocabulary on every call, runs the whole UNet and
+the whole VAE decoder, and processes sliding-window crops one at a time.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from odise_core import weights
+from odise_core.clip import ClipModel
+from odise_core.config import ModelConfig
+from odise_core.model import ODISE, resolve_device
+from odise_core.vocabulary import Vocabulary
+
+
+class ReferenceEquivalentODISE(ODISE):
+    """ODISE paying the reference pipeline's costs; `predict` gives the same segments as `ODISE`."""
+
+    def __init__(self, cfg: ModelConfig, clips: tuple[ClipModel, ClipModel, ClipModel], unet: nn.Module,
+                 vae: nn.Module, text_encoder: nn.Module):
+        empty = weights.encode_empty_prompt(text_encoder)
+        super().__init__(cfg, clips[0], unet, vae, empty, full_networks=True)
+        self.backbone.crop_batch_size = 1
+        # Held outside the module tree so the trainable state dict keeps the official layout.
+        object.__setattr__(self, "text_clip", clips[1])
+        object.__setattr__(self, "mask_clip", clips[2])
+        object.__setattr__(self, "sd_text_encoder", text_encoder)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, device: str | torch.device = "auto", text_cache: Any = None
+                    ) -> "ReferenceEquivalentODISE":
+        weights.check_weights_available(cfg)
+        torch.manual_seed(cfg.seed)
+        clips = tuple(ClipModel(cfg.clip, weights.load_clip(cfg.clip)) for _ in range(3))
+        unet, vae, _ = weights.load_stable_diffusion(cfg.diffusion)
+        model = cls(cfg, clips, unet, vae, weights.load_sd_text_encoder(cfg.diffusion))
+        if cfg.checkpoint is not None:
+            weights.load_odise_checkpoint(model, cfg.checkpoint)
+        model.eval()
+        return model.to(resolve_device(device))
+
+    def to(self, *args: Any, **kwargs: Any) -> "ReferenceEquivalentODISE":
+        for extra in (self.text_clip, self.mask_clip, self.sd_text_encoder):
+            extra.to(*args, **kwargs)
+        return super().to(*args, **kwargs)
+
+    def text_embeddings(self, vocab: Vocabulary, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        texts, syn_to_class = vocab.synonyms_flat()
+        clip = self.mask_clip if prompt == self.cfg.head.clip_prompt else self.text_clip
+        with torch.no_grad():
+            emb = clip.encode_text([prompt.format(t) for t in texts])
+        return emb.to(self.device), syn_to_class.to(self.device)
+
+    def extract_features(self, image01: torch.Tensor) -> dict[str, torch.Tensor]:
+        extractor = self.backbone.feature_extractor
+        with torch.no_grad():
+            empty = weights.encode_empty_prompt(self.sd_text_encoder).to(self.device)
+        extractor.empty_embedding.copy_(empty.reshape(extractor.empty_embedding.shape))
+        return super().extract_features(image01)
+
+    def classify_with_clip(self, image01: torch.Tensor, mask_logits: torch.Tensor, vocab: Vocabulary
+                           ) -> torch.Tensor:
+        from odise_core.head import clip_class_logits
+
+        text, syn_to_class = self.text_embeddings(vocab, self.cfg.head.clip_prompt)
+        embeds = self.mask_clip.mask_embeddings(image01, mask_logits)
+        return clip_class_logits(embeds, text, syn_to_class, len(vocab))
