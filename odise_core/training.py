@@ -223,6 +223,7 @@ class FinetuneOptions:
     cache_half: bool = True
     seed: int = 0
     device: str | None = None  # None: the model's device
+    num_points: int = 12544  # points per mask in the matcher and the mask losses (the reference's 112*112)
 
 
 @dataclass
@@ -306,7 +307,7 @@ def finetune(model: "ODISE", samples: list[TrainSample], options: FinetuneOption
     torch.manual_seed(options.seed)
     rng = np.random.default_rng(options.seed)
     gen = torch.Generator().manual_seed(options.seed)
-    criterion = SetCriterion(num_classes).to(device)
+    criterion = SetCriterion(num_classes, num_points=options.num_points).to(device)
 
     model.eval()
     was_trainable = {p: p.requires_grad for p in model.parameters()}
