@@ -13,10 +13,10 @@ from skimage import data as skdata
 
 from backend.label_config import make_label_config
 from backend.model import BackendSettings, ODISEBackend
-from backend.prelabel import ImportFile, prelabel_folder, run_overlapped
+from backend.prelabel import ImportFile, PrelabelSummary, prelabel_folder, run_overlapped
 from odise_core.vocabulary import Vocabulary
 
-PHOTOS = ("astronaut", "coffee", "chelsea")
+PHOTOS = ("astronaut", "chelsea")
 XML = make_label_config(Vocabulary.from_text("person,cat,cup,sky"), kind="polygon")
 
 
@@ -28,9 +28,8 @@ def backend(tmp_path_factory) -> ODISEBackend:
     return b
 
 
-@pytest.fixture()
-def photos(tmp_path) -> Path:
-    folder = tmp_path / "files" / "photos"
+def _photos(root: Path) -> Path:
+    folder = root / "files" / "photos"
     folder.mkdir(parents=True)
     for name in PHOTOS:
         Image.fromarray(getattr(skdata, name)()).save(folder / f"{name}.jpg")
@@ -38,22 +37,25 @@ def photos(tmp_path) -> Path:
     return folder
 
 
-def _sizes(folder: Path) -> dict[str, tuple[int, int]]:
-    return {f"/data/local-files/?d=photos/{n}.jpg": Image.open(folder / f"{n}.jpg").size for n in PHOTOS}
+@pytest.fixture(scope="module")
+def first_run(backend, tmp_path_factory) -> tuple[Path, Path, PrelabelSummary]:
+    """One folder run shared by the tests (the tiny model still takes seconds per image on a busy CPU)."""
+    root = tmp_path_factory.mktemp("run")
+    folder = _photos(root)
+    out = root / "tasks.json"
+    return folder, out, prelabel_folder(backend, XML, folder, out, progress=False)
 
 
-def test_folder_mode_writes_a_valid_import_json_and_lists_failures(backend, photos, tmp_path):
-    out = tmp_path / "tasks.json"
-    summary = prelabel_folder(backend, XML, photos, out, progress=False)
-
-    assert (summary.total, summary.predicted, summary.skipped) == (4, 3, 0)
+def test_folder_mode_writes_a_valid_import_json_and_lists_failures(backend, first_run):
+    folder, out, summary = first_run
+    assert (summary.total, summary.predicted, summary.skipped) == (3, 2, 0)
     assert [f.item for f in summary.failures] == ["/data/local-files/?d=photos/broken.jpg"]
     assert "not a readable image" in summary.failures[0].error
     assert summary.images_per_second > 0 and summary.model_version == backend.model_version()
     assert "images/s" in summary.format() and "FAILED /data/local-files/?d=photos/broken.jpg" in summary.format()
 
     tasks = json.loads(out.read_text())
-    sizes = _sizes(photos)
+    sizes = {f"/data/local-files/?d=photos/{n}.jpg": Image.open(folder / f"{n}.jpg").size for n in PHOTOS}
     assert sorted(t["data"]["image"] for t in tasks) == sorted(sizes)
     interface = LabelInterface(XML)
     for task in tasks:
@@ -67,40 +69,37 @@ def test_folder_mode_writes_a_valid_import_json_and_lists_failures(backend, phot
             assert (region["original_width"], region["original_height"]) == (w, h)
             assert region["value"]["polygonlabels"][0] in ("person", "cat", "cup", "sky")
             assert all(0 <= c <= 100 for point in region["value"]["points"] for c in point)
-    assert not (tmp_path / "tasks.json.partial.jsonl").exists()
+    assert not out.with_name("tasks.json.partial.jsonl").exists()
 
 
-def test_second_run_skips_done_images_and_retries_failures(backend, photos, tmp_path):
+def test_second_run_skips_done_images_and_retries_failures(backend, first_run):
+    folder, out, _ = first_run
+    before = out.read_text()
+    again = prelabel_folder(backend, XML, folder, out, progress=False)
+    assert (again.total, again.predicted, again.skipped, len(again.failures)) == (3, 0, 2, 1)
+    assert out.read_text() == before
+
+
+def test_interrupted_run_resumes_from_its_journal(backend, first_run, tmp_path):
+    tasks = json.loads(first_run[1].read_text())
+    folder = _photos(tmp_path)
     out = tmp_path / "tasks.json"
-    prelabel_folder(backend, XML, photos, out, progress=False)
-    first = out.read_text()
-
-    again = prelabel_folder(backend, XML, photos, out, progress=False)
-    assert (again.total, again.predicted, again.skipped, len(again.failures)) == (4, 0, 3, 1)
-    assert out.read_text() == first
-
-
-def test_interrupted_run_resumes_from_its_journal(backend, photos, tmp_path):
-    out = tmp_path / "tasks.json"
-    prelabel_folder(backend, XML, photos, out, progress=False)
-    tasks = json.loads(out.read_text())
     # An interrupted run leaves only the journal: one image done, no JSON yet.
-    out.unlink()
-    kept = next(t for t in tasks if t["data"]["image"].endswith("coffee.jpg"))
+    kept = next(t for t in tasks if t["data"]["image"].endswith("chelsea.jpg"))
     journal = tmp_path / "tasks.json.partial.jsonl"
     journal.write_text(json.dumps({"url": kept["data"]["image"], "prediction": kept["predictions"][0]}) + "\n")
     assert ImportFile(out, "image").done(kept["data"]["image"], kept["predictions"][0]["model_version"])
 
-    summary = prelabel_folder(backend, XML, photos, out, progress=False)
-    assert (summary.predicted, summary.skipped) == (2, 1)
+    summary = prelabel_folder(backend, XML, folder, out, progress=False)
+    assert (summary.predicted, summary.skipped, len(summary.failures)) == (1, 1, 1)
     resumed = {t["data"]["image"]: t for t in json.loads(out.read_text())}
-    assert len(resumed) == 3 and resumed[kept["data"]["image"]] == kept
+    assert len(resumed) == 2 and resumed[kept["data"]["image"]] == kept
     assert not journal.exists()
 
 
-def test_images_outside_the_document_root_are_refused(backend, photos, tmp_path):
+def test_images_outside_the_document_root_are_refused(backend, first_run, tmp_path):
     with pytest.raises(ValueError, match="document root"):
-        prelabel_folder(backend, XML, photos, tmp_path / "t.json", document_root=tmp_path / "elsewhere",
+        prelabel_folder(backend, XML, first_run[0], tmp_path / "t.json", document_root=tmp_path / "elsewhere",
                         progress=False)
 
 
@@ -126,5 +125,6 @@ def test_fetching_overlaps_compute_and_failures_do_not_stop_the_run():
     done, failures, seconds = run_overlapped(list(range(6)), fetch, compute, name=str, workers=2, prefetch=3,
                                              progress=False)
     assert done == 4 and computed == [0, 10, 30, 50]
-    assert [(f.item, f.error) for f in failures] == [("2", "OSError: unreachable"), ("4", "RuntimeError: out of memory")]
+    assert [(f.item, f.error) for f in failures] == [("2", "OSError: unreachable"),
+                                                     ("4", "RuntimeError: out of memory")]
     assert 0 < seconds <= time.perf_counter() - t0
