@@ -64,9 +64,10 @@ class DiffusionFeatureExtractor(nn.Module):
             self.vae.to(memory_format=torch.channels_last)
         self.register_buffer("empty_embedding", empty.detach().float().reshape(1, SEQ_LEN, -1), persistent=False)
         gen = torch.Generator().manual_seed(cfg.noise_seed)
-        noise = torch.randn(1, cfg.latent_channels, LATENT_SIZE, LATENT_SIZE, generator=gen)
+        noise = torch.randn(1, cfg.latent_channels, LATENT_SIZE, LATENT_SIZE, generator=gen, device="cpu")
         self.register_buffer("noise", noise, persistent=False)
-        betas = torch.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, cfg.num_train_timesteps, dtype=torch.float64) ** 2
+        betas = torch.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, cfg.num_train_timesteps, dtype=torch.float64,
+                               device="cpu") ** 2
         alpha_bar = float(torch.cumprod(1.0 - betas, 0)[cfg.timestep])
         self.signal_scale, self.noise_scale = alpha_bar**0.5, (1.0 - alpha_bar) ** 0.5
 
