@@ -285,18 +285,28 @@ def ground_truth_segments(sample: Any, is_thing: Any) -> list[Segment]:
     return [Segment(np.asarray(m, dtype=bool), int(c), 1.0, flags[int(c)]) for m, c in zip(sample.masks, sample.classes)]
 
 
-def evaluate_model(model: Any, samples: list[Any], vocab: Any, lock: Any = None) -> EvalResult:
-    """PQ / mask AP / mIoU of `model.predict` on samples (panoptic for PQ and mIoU, instances for AP).
+def instances_from_raw(raw: Any, is_thing: torch.Tensor, max_instances: int = 100) -> list[Segment]:
+    """Scored, possibly overlapping thing instances (for mask AP) from a panoptic RawPrediction."""
+    from odise_core.postprocess import instance_inference
 
-    `lock` (optional) is held around each forward pass.
+    logits = raw.mask_logits.float()
+    if tuple(logits.shape[-2:]) != tuple(raw.image_size):
+        logits = torch.nn.functional.interpolate(logits[None], size=tuple(raw.image_size), mode="bilinear",
+                                                 align_corners=False)[0]
+    return instance_inference(raw.class_probs.float(), logits, is_thing, max_instances)
+
+
+def evaluate_model(model: Any, samples: list[Any], vocab: Any, lock: Any = None) -> EvalResult:
+    """PQ / mask AP / mIoU of `model` on samples: one panoptic forward pass per image, whose
+    per-query outputs also give the scored instances for mask AP. `lock` is held around each pass.
     """
     flags = [bool(t) for t in vocab.is_thing]
+    is_thing = torch.as_tensor(flags, dtype=torch.bool)
     ev = Evaluator(list(vocab.names), flags)
     for s in samples:
         with lock if lock is not None else contextlib.nullcontext():
-            pred = model.predict(s.image, vocab, mode="panoptic")
-            inst = model.predict(s.image, vocab, mode="instance")
-        ev.add(pred, ground_truth_segments(s, flags), instances=inst)
+            raw = model.predict_raw(s.image, vocab, mode="panoptic")
+        ev.add(raw.segments, ground_truth_segments(s, flags), instances=instances_from_raw(raw, is_thing))
     return ev.summarize()
 
 

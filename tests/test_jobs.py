@@ -24,7 +24,7 @@ from torch import nn
 from backend.jobs import Job, JobManager, TrainPolicy, VersionStore, clone_for_training
 from backend.training_data import TrainingData
 from odise_core.training import TrainSample
-from odise_core.types import Segment
+from odise_core.types import RawPrediction, Segment
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = SimpleNamespace(names=["square", "floor"], is_thing=torch.tensor([True, False]))
@@ -48,13 +48,22 @@ class FakeModel(nn.Module):
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.quality.data.copy_(state["quality"])
 
-    def predict(self, image: np.ndarray, vocab, mode: str = "panoptic") -> list[Segment]:
+    def predict_raw(self, image: np.ndarray, vocab, mode: str = "panoptic") -> RawPrediction:
         bright = image[..., 0] > 100
+        everything = np.ones_like(bright)
         if self.quality.item() >= 1.0:
             segs = [Segment(bright, 0, 0.9, True, 0), Segment(~bright, 1, 0.9, False, 1)]
+            probs = [[0.9, 0.05, 0.05], [0.05, 0.9, 0.05]]
+            masks = [bright, ~bright]
         else:
-            segs = [Segment(np.ones_like(bright), 1, 0.9, False, 1)]
-        return [s for s in segs if s.is_thing] if mode == "instance" else segs
+            segs = [Segment(everything, 1, 0.9, False, 1)]
+            probs = [[0.05, 0.05, 0.9], [0.05, 0.9, 0.05]]
+            masks = [bright, everything]
+        logits = torch.from_numpy(np.stack(masks)).float() * 20 - 10
+        return RawPrediction(segs, torch.tensor(probs), logits, bright.shape)
+
+    def predict(self, image: np.ndarray, vocab, mode: str = "panoptic") -> list[Segment]:
+        return self.predict_raw(image, vocab, mode).segments
 
 
 def sample(seed: int) -> TrainSample:
@@ -134,6 +143,7 @@ def test_better_model_is_promoted_with_metadata(tmp_path):
     # before: the square is missed (PQ 0); the floor prediction covers it too (IoU 512/576)
     assert meta["eval"]["holdout_before"]["pq"] == pytest.approx(100 * (512 / 576) / 2)
     assert meta["eval"]["holdout_after"]["pq"] == pytest.approx(100.0)
+    assert meta["eval"]["holdout_after"]["mask_ap"] == pytest.approx(100.0)
     reloaded = FakeModel()
     assert m.load_version(reloaded, "7") == "v0001" and reloaded.quality.item() == 1.0
     status = m.status("7")
