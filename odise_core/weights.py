@@ -38,6 +38,13 @@ ENV_CHECKPOINT = "ODISE_CHECKPOINT"
 SD_CKPT_NAME = "sd-v1-3.ckpt"
 SD_DIFFUSERS_DIR_NAME = "stable-diffusion-v1-3"
 OPENAI_CLIP_FILES = {"ViT-L-14-336": "ViT-L-14-336px.pt"}
+# open_clip's download locations for the CLIP we ship presets for (spares importing open_clip to check).
+KNOWN_CLIP_SOURCES: dict[tuple[str, str], dict[str, str]] = {
+    ("ViT-L-14-336", "openai"): {
+        "hf_hub": "timm/vit_large_patch14_clip_336.openai/",
+        "url": "https://openaipublic.azureedge.net/clip/models/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
+    },
+}
 HF_HOST = "huggingface.co"
 CONNECT_TIMEOUT = 3.0
 # SD v1's FrozenCLIPEmbedder: openai CLIP ViT-L/14 text tower, "" = BOS then EOS padding to 77.
@@ -130,21 +137,19 @@ def resolve_sd_source(cfg: DiffusionConfig) -> tuple[str, str]:
     source = os.environ.get(ENV_SD) or cfg.pretrained
     if source is None:
         return "random", ""
-    looked: list[str] = []
     path = Path(source).expanduser()
     if path.is_dir():
         return "dir", str(path)
     if path.is_file():
         return "file", str(path)
-    looked.append(str(path))
     if _looks_like_path(source):
-        raise _missing(f"Stable Diffusion weights {source!r}", looked, "no such file or directory")
+        raise _missing(f"Stable Diffusion weights {source!r}", [str(path)], "no such file or directory")
     local_dir, local_ckpt = weights_dir() / SD_DIFFUSERS_DIR_NAME, weights_dir() / SD_CKPT_NAME
     if (local_dir / "unet" / "config.json").is_file():
         return "dir", str(local_dir)
     if local_ckpt.is_file():
         return "file", str(local_ckpt)
-    looked += [str(local_dir), str(local_ckpt), f"Hugging Face cache for {source}"]
+    looked = [str(local_dir), str(local_ckpt), f"Hugging Face cache for {source}"]
     if _hf_cached(source, "unet/config.json") or _reachable(HF_HOST):
         return "hub", source
     why = "offline (HF_HUB_OFFLINE/ODISE_OFFLINE)" if _offline() else f"{HF_HOST} unreachable"
@@ -219,6 +224,23 @@ def encode_empty_prompt(text_encoder: nn.Module) -> torch.Tensor:
     return text_encoder(input_ids=ids).last_hidden_state.float()
 
 
+def _text_encoder_config(weights: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """SD v1's text-encoder config with the widths read off the checkpoint (64-wide heads)."""
+    bare = {k.removeprefix("text_model."): v for k, v in weights.items()}
+    hidden = bare["embeddings.token_embedding.weight"].shape[1]
+    layers = {int(k.split(".")[2]) for k in bare if k.startswith("encoder.layers.")}
+    return {
+        **SD_TEXT_ENCODER,
+        "vocab_size": bare["embeddings.token_embedding.weight"].shape[0],
+        "hidden_size": hidden,
+        "intermediate_size": bare["encoder.layers.0.mlp.fc1.weight"].shape[0],
+        "num_hidden_layers": len(layers),
+        "num_attention_heads": max(1, hidden // 64),
+        "max_position_embeddings": bare["embeddings.position_embedding.weight"].shape[0],
+        "projection_dim": hidden,
+    }
+
+
 def _text_encoder_from_state(state: dict[str, torch.Tensor]) -> nn.Module:
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -226,11 +248,19 @@ def _text_encoder_from_state(state: dict[str, torch.Tensor]) -> nn.Module:
     weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if not weights:
         raise WeightsMissingError(f"the SD checkpoint has no text encoder ({prefix}*) to encode the empty prompt")
-    weights = {(k if k.startswith("text_model.") else f"text_model.{k}"): v for k, v in weights.items()}
     with torch.device("meta"):
-        model = CLIPTextModel(CLIPTextConfig(**SD_TEXT_ENCODER))
-    model.load_state_dict(weights, strict=False, assign=True)
-    model.text_model.embeddings.position_ids = torch.arange(77).unsqueeze(0)
+        model = CLIPTextModel(CLIPTextConfig(**_text_encoder_config(weights)))
+    nested = any(k.startswith("text_model.") for k in model.state_dict())  # transformers < 5 layout
+    bare = {k.removeprefix("text_model."): v for k, v in weights.items()}
+    model.load_state_dict({f"text_model.{k}" if nested else k: v for k, v in bare.items()}, strict=False, assign=True)
+    for name, buffer in list(model.named_buffers()):
+        if buffer.is_meta and name.endswith("position_ids"):
+            owner, _, attr = name.rpartition(".")
+            model.get_submodule(owner).register_buffer(attr, torch.arange(buffer.shape[-1]).expand(buffer.shape),
+                                                       persistent=False)
+    still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if still_meta:
+        raise WeightsMissingError(f"the SD checkpoint's text encoder lacks {still_meta[:5]}")
     return model.eval()
 
 
@@ -282,9 +312,9 @@ def load_stable_diffusion(
     cfg: DiffusionConfig, dtype: torch.dtype = torch.float32
 ) -> tuple["UNet2DConditionModel", "AutoencoderKL", torch.Tensor]:
     """Return frozen (unet, vae, empty_prompt_embedding (1,77,C)); random weights when cfg.pretrained is None."""
+    kind, location = resolve_sd_source(cfg)
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    kind, location = resolve_sd_source(cfg)
     if kind == "random":
         unet = _seeded_init(cfg.noise_seed, lambda: UNet2DConditionModel(**cfg.unet))
         vae = _seeded_init(cfg.noise_seed + 1, lambda: AutoencoderKL(**cfg.vae))
@@ -325,9 +355,7 @@ def resolve_clip_source(cfg: ClipConfig) -> tuple[str, str]:
             if candidate.is_file():
                 return "file", str(candidate)
             looked.append(str(candidate))
-    import open_clip
-
-    pcfg = open_clip.get_pretrained_cfg(cfg.model_name, source)
+    pcfg = KNOWN_CLIP_SOURCES.get((cfg.model_name, source)) or _open_clip_pretrained_cfg(cfg.model_name, source)
     if not pcfg:
         raise WeightsMissingError(f"open_clip has no pretrained tag {source!r} for {cfg.model_name}. {HOW_TO}")
     hub = (pcfg.get("hf_hub") or "").strip("/")
@@ -342,6 +370,12 @@ def resolve_clip_source(cfg: ClipConfig) -> tuple[str, str]:
         return "tag", source
     why = "offline (HF_HUB_OFFLINE/ODISE_OFFLINE)" if _offline() else "download hosts unreachable"
     raise _missing(f"CLIP {cfg.model_name} weights ({source})", looked, why)
+
+
+def _open_clip_pretrained_cfg(model_name: str, tag: str) -> dict[str, Any]:
+    import open_clip
+
+    return dict(open_clip.get_pretrained_cfg(model_name, tag) or {})
 
 
 def load_clip(cfg: ClipConfig) -> nn.Module:

@@ -1,0 +1,233 @@
+"""Weight loading: offline errors, diffusers dir and single-file SD, the empty-prompt cache, strict ODISE keys."""
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from odise_core import weights
+from odise_core.config import get_config
+from odise_core.weights import (
+    WeightsMissingError,
+    check_weights_available,
+    fetch_checkpoint,
+    load_odise_checkpoint,
+    load_stable_diffusion,
+    weights_dir,
+)
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """Empty weights dir, no env overrides, offline."""
+    monkeypatch.setenv("ODISE_WEIGHTS_DIR", str(tmp_path / "weights"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for var in ("ODISE_SD_WEIGHTS", "ODISE_CLIP_WEIGHTS", "ODISE_CHECKPOINT"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_weights_dir_from_env(tmp_path):
+    assert weights_dir() == tmp_path / "weights"
+
+
+def test_offline_full_preset_fails_fast_with_one_actionable_message():
+    start = time.monotonic()
+    with pytest.raises(WeightsMissingError) as info:
+        check_weights_available(get_config("odise-label-coco"))
+    assert time.monotonic() - start < 3.0
+    message = str(info.value)
+    assert "Stable Diffusion" in message and "CLIP" in message and "ODISE checkpoint" in message
+    assert "offline" in message
+    assert str(weights_dir() / "sd-v1-3.ckpt") in message  # where it looked
+    assert "odise_label_coco_50e-b67d2efc.pth" in message
+    for how in ("ODISE_SD_WEIGHTS", "ODISE_CLIP_WEIGHTS", "ODISE_CHECKPOINT", "ODISE_WEIGHTS_DIR", "--preset tiny"):
+        assert how in message
+
+
+def test_missing_local_paths_are_named(monkeypatch, tmp_path):
+    monkeypatch.setenv("ODISE_SD_WEIGHTS", str(tmp_path / "nowhere" / "sd-v1-3.ckpt"))
+    with pytest.raises(WeightsMissingError, match="nowhere/sd-v1-3.ckpt"):
+        load_stable_diffusion(get_config("odise-label-coco").diffusion)
+    with pytest.raises(WeightsMissingError, match="missing.pth"):
+        fetch_checkpoint(str(tmp_path / "missing.pth"))
+
+
+def test_tiny_preset_needs_nothing():
+    check_weights_available(get_config("tiny"))
+
+
+def _tiny_text_encoder(dim: int):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(vocab_size=49408, hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=1,
+                            num_attention_heads=max(1, dim // 64), max_position_embeddings=77, hidden_act="quick_gelu")
+    torch.manual_seed(0)
+    return CLIPTextModel(config).eval()
+
+
+def _empty_prompt(encoder) -> torch.Tensor:
+    ids = torch.tensor([[49406] + [49407] * 76])
+    with torch.no_grad():
+        return encoder(input_ids=ids).last_hidden_state
+
+
+def _assert_same_weights(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], msg=k)
+
+
+def test_diffusers_dir_round_trip_and_empty_prompt_cache(tmp_path, monkeypatch):
+    cfg = get_config("tiny").diffusion
+    unet, vae, _ = load_stable_diffusion(cfg)
+    encoder = _tiny_text_encoder(cfg.context_dim)
+    root = tmp_path / "sd"
+    unet.save_pretrained(root / "unet")
+    vae.save_pretrained(root / "vae")
+    encoder.save_pretrained(root / "text_encoder")
+    cfg.pretrained = str(root)
+    check_weights_available(get_config("tiny").replace(diffusion=cfg))
+    unet2, vae2, empty = load_stable_diffusion(cfg)
+    _assert_same_weights(unet, unet2)
+    _assert_same_weights(vae, vae2)
+    assert not any(p.requires_grad for p in unet2.parameters()) and not unet2.training
+    assert empty.shape == (1, 77, cfg.context_dim)
+    torch.testing.assert_close(empty, _empty_prompt(encoder))
+    cached = list((weights_dir() / "sd-empty-prompt").glob("*.pt"))
+    assert len(cached) == 1
+
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the text encoder must not be loaded again")
+
+    monkeypatch.setattr(transformers.CLIPTextModel, "from_pretrained", refuse)
+    _, _, again = load_stable_diffusion(cfg)
+    torch.testing.assert_close(again, empty)
+
+
+# diffusers -> original ldm key names (SD v1 layout), to write a single-file checkpoint for the test
+def _ldm_unet_key(key: str, has_attention: list[bool]) -> str:
+    resnet = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
+              ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection")]
+
+    def res(rest: str) -> str:
+        for a, b in resnet:
+            if rest.startswith(a + "."):
+                return b + rest[len(a):]
+        return rest
+
+    fixed = {"conv_in.": "input_blocks.0.0.", "time_embedding.linear_1.": "time_embed.0.",
+             "time_embedding.linear_2.": "time_embed.2.", "conv_norm_out.": "out.0.", "conv_out.": "out.2."}
+    for a, b in fixed.items():
+        if key.startswith(a):
+            return b + key[len(a):]
+    if m := re.match(r"down_blocks\.(\d)\.(resnets|attentions)\.(\d)\.(.*)", key):
+        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        return f"input_blocks.{3 * i + j + 1}." + ("0." + res(rest) if kind == "resnets" else "1." + rest)
+    if m := re.match(r"down_blocks\.(\d)\.downsamplers\.0\.conv\.(.*)", key):
+        return f"input_blocks.{3 * (int(m[1]) + 1)}.0.op.{m[2]}"
+    if m := re.match(r"mid_block\.(resnets|attentions)\.(\d)\.(.*)", key):
+        index = 1 if m[1] == "attentions" else 2 * int(m[2])
+        return f"middle_block.{index}." + (res(m[3]) if m[1] == "resnets" else m[3])
+    if m := re.match(r"up_blocks\.(\d)\.(resnets|attentions)\.(\d)\.(.*)", key):
+        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        return f"output_blocks.{3 * i + j}." + ("0." + res(rest) if kind == "resnets" else "1." + rest)
+    if m := re.match(r"up_blocks\.(\d)\.upsamplers\.0\.conv\.(.*)", key):
+        i = int(m[1])
+        return f"output_blocks.{3 * i + 2}.{2 if has_attention[i] else 1}.conv.{m[2]}"
+    raise KeyError(key)
+
+
+def _ldm_vae_key(key: str) -> str:
+    key = key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+    key = re.sub(r"encoder\.down_blocks\.(\d)\.resnets\.", r"encoder.down.\1.block.", key)
+    key = re.sub(r"encoder\.down_blocks\.(\d)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", key)
+    key = re.sub(r"decoder\.up_blocks\.(\d)\.resnets\.", lambda m: f"decoder.up.{3 - int(m[1])}.block.", key)
+    key = re.sub(r"decoder\.up_blocks\.(\d)\.upsamplers\.0\.", lambda m: f"decoder.up.{3 - int(m[1])}.upsample.", key)
+    key = key.replace("mid_block.resnets.0.", "mid.block_1.").replace("mid_block.resnets.1.", "mid.block_2.")
+    key = key.replace("mid_block.attentions.0.", "mid.attn_1.")
+    for a, b in (("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."), ("to_out.0.", "proj_out.")):
+        key = key.replace("attn_1." + a, "attn_1." + b)
+    return key
+
+
+def test_single_file_ldm_checkpoint(tmp_path):
+    cfg = get_config("tiny").diffusion
+    unet, vae, _ = load_stable_diffusion(cfg)
+    encoder = _tiny_text_encoder(cfg.context_dim)
+    has_attention = [t.startswith("CrossAttn") for t in cfg.unet["up_block_types"]]
+    state = {"model.diffusion_model." + _ldm_unet_key(k, has_attention): v for k, v in unet.state_dict().items()}
+    for k, v in vae.state_dict().items():
+        if ".attn_1." in _ldm_vae_key(k) and v.ndim == 2:
+            v = v[:, :, None, None]  # ldm's VAE attention uses 1x1 convs
+        state["first_stage_model." + _ldm_vae_key(k)] = v
+    text = {k.removeprefix("text_model."): v for k, v in encoder.state_dict().items()}  # SD ckpts: text_model.*
+    state.update({"cond_stage_model.transformer.text_model." + k: v for k, v in text.items()})
+    ckpt = tmp_path / "sd-v1-3.ckpt"
+    torch.save({"state_dict": state, "global_step": 1}, ckpt)
+
+    cfg.pretrained = str(ckpt)
+    unet2, vae2, empty = load_stable_diffusion(cfg)
+    _assert_same_weights(unet, unet2)
+    _assert_same_weights(vae, vae2)
+    torch.testing.assert_close(empty, _empty_prompt(encoder))
+    assert not any(p.requires_grad for p in vae2.parameters())
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(vae2.encode(x).latent_dist.mean, vae.encode(x).latent_dist.mean)
+
+
+def test_single_file_in_weights_dir_is_found_for_a_hub_id(tmp_path):
+    target = weights_dir() / "sd-v1-3.ckpt"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"")
+    assert weights.resolve_sd_source(get_config("odise-label-coco").diffusion) == ("file", str(target))
+
+
+class _Toy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(3, 2)
+        self.frozen = nn.Linear(2, 2)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if k.startswith("head.")}
+
+
+def test_odise_checkpoint_loads_strictly(tmp_path):
+    source = _Toy()
+    good = tmp_path / "good.pth"
+    torch.save({"model": source.trainable_state_dict(), "iteration": 5}, good)
+    target = _Toy()
+    load_odise_checkpoint(target, str(good))
+    torch.testing.assert_close(target.head.weight, source.head.weight)
+
+    extra = dict(source.trainable_state_dict(), **{"category_head.clip.visual.proj": torch.zeros(1)})
+    torch.save({"model": extra}, tmp_path / "frozen_extra.pth")
+    load_odise_checkpoint(_Toy(), str(tmp_path / "frozen_extra.pth"))  # frozen CLIP copies are ignored
+
+    bad = dict(source.trainable_state_dict(), **{"head.scale": torch.ones(1)})
+    del bad["head.bias"]
+    torch.save({"model": bad}, tmp_path / "bad.pth")
+    with pytest.raises(RuntimeError, match=r"1 missing \['head.bias'\].*1 unexpected \['head.scale'\]"):
+        load_odise_checkpoint(_Toy(), str(tmp_path / "bad.pth"))
+
+    shape = dict(source.trainable_state_dict(), **{"head.weight": torch.zeros(4, 3)})
+    torch.save({"model": shape}, tmp_path / "shape.pth")
+    with pytest.raises(RuntimeError, match="head.weight: checkpoint \\(4, 3\\) vs model \\(2, 3\\)"):
+        load_odise_checkpoint(_Toy(), str(tmp_path / "shape.pth"))
+
+
+def test_url_checkpoint_offline_and_cached(tmp_path):
+    url = "https://example.invalid/releases/odise_label_coco_50e-b67d2efc.pth"
+    with pytest.raises(WeightsMissingError, match="offline"):
+        fetch_checkpoint(url)
+    cached = weights_dir() / "checkpoints" / "odise_label_coco_50e-b67d2efc.pth"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"x")
+    assert fetch_checkpoint(url) == cached
