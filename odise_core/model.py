@@ -1,6 +1,7 @@
 """ODISE: assembles backbone, heads and the CLIP classifier; `predict(image, vocabulary)`."""
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from contextlib import nullcontext
@@ -83,10 +84,15 @@ class ODISE(nn.Module):
     def device(self) -> torch.device:
         return next(self.category_head.parameters()).device
 
-    @property
+    @functools.cached_property
     def model_key(self) -> str:
-        """Identifies the CLIP weights for the text-embedding cache."""
-        return f"{self.cfg.clip.model_name}:{self.cfg.clip.pretrained}:{self.cfg.seed}"
+        """Identifies the CLIP weights (source, and file size/mtime for local files) for the text cache."""
+        kind, location = weights.resolve_clip_source(self.cfg.clip)
+        ident = location
+        if kind == "file":
+            stat = Path(location).stat()
+            ident = f"{Path(location).resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
+        return f"{self.cfg.clip.model_name}:{kind}:{ident}"
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The state dict in the official checkpoint's layout: everything but frozen SD/CLIP."""
