@@ -18,6 +18,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="cpu, cuda, cuda:N, mps or auto (env DEVICE)")
     p.add_argument("--weights-dir", default=os.environ.get("ODISE_WEIGHTS_DIR"),
                    help="where weights are looked up and cached (env ODISE_WEIGHTS_DIR)")
+    p.add_argument("--fast", action="store_true", default=os.environ.get("FAST", "") in ("1", "true", "yes"),
+                   help="process at the window size (512 shortest edge): 1 crop instead of 4 (env FAST=1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,7 +181,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     vocab = Vocabulary.from_text(args.labels) if args.labels else (
         Vocabulary.coco_panoptic() if args.dataset == "coco" else Vocabulary.ade20k_150())
     try:
-        model = ODISE.from_config(get_config(args.preset), device=args.device)
+        model = ODISE.from_config(get_config(args.preset, fast=args.fast), device=args.device)
     except WeightsMissingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
