@@ -301,9 +301,10 @@ def _load_single_file(cfg: DiffusionConfig, path: Path) -> tuple[nn.Module, nn.M
         with torch.device("meta"):
             model = cls(**config)
         result = model.load_state_dict(converted, strict=False, assign=True)
-        if result.missing_keys:
-            raise WeightsMissingError(f"{path}: {len(result.missing_keys)} {cls.__name__} weights missing, "
-                                      f"e.g. {result.missing_keys[:5]}")
+        still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if result.missing_keys or still_meta:
+            missing = result.missing_keys or still_meta
+            raise WeightsMissingError(f"{path}: {len(missing)} {cls.__name__} weights missing, e.g. {missing[:5]}")
         models.append(model)
     return models[0], models[1], state
 
@@ -328,7 +329,7 @@ def load_stable_diffusion(
         unet = UNet2DConditionModel.from_pretrained(location, subfolder="unet", local_files_only=local_only)
         vae = AutoencoderKL.from_pretrained(location, subfolder="vae", local_files_only=local_only)
         empty = _empty_prompt_embedding(kind, location, None)
-    if dtype != torch.float32:
+    if any(p.dtype != dtype for p in [*unet.parameters(), *vae.parameters()]):
         unet, vae = unet.to(dtype), vae.to(dtype)
     unet, vae = _freeze(unet), _freeze(vae)
     logger.info("Stable Diffusion loaded (%s %s)", kind, location or "random weights")

@@ -178,8 +178,10 @@ def test_single_file_ldm_checkpoint(tmp_path):
     torch.testing.assert_close(empty, _empty_prompt(encoder))
     assert not any(p.requires_grad for p in vae2.parameters())
     x = torch.rand(1, 3, 64, 64)
+    latent = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(vae2.encode(x).latent_dist.mean, vae.encode(x).latent_dist.mean)
+        torch.testing.assert_close(unet2(latent, 0, empty).sample, unet(latent, 0, empty).sample)
 
 
 def test_single_file_in_weights_dir_is_found_for_a_hub_id(tmp_path):
