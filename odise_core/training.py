@@ -7,6 +7,7 @@ fused diffusion features of each augmented training view, so the backbone runs o
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import re
@@ -221,6 +222,7 @@ class FinetuneOptions:
     scale_jitter: tuple[float, float] = (0.8, 1.25)
     views_per_image: int = 4
     cache_half: bool = True
+    num_points: int = 12544  # sampled points per mask for matching and mask losses
     seed: int = 0
     device: str | None = None  # None: the model's device
     num_points: int = 12544  # points per mask in the matcher and the mask losses (the reference's 112*112)
@@ -253,23 +255,39 @@ def _trainable_modules(model: "ODISE", parts: tuple[str, ...]) -> dict[str, nn.M
     return {p: available[p] for p in parts}
 
 
-def _augmented_view(sample: TrainSample, base_size: int, max_size: int, crop: int, flip: bool, scale: float,
-                    rng: np.random.Generator) -> tuple[torch.Tensor, Target]:
-    """Resize (shortest edge base_size*scale), optional flip, random crop x crop window (zero padded)."""
-    img = torch.from_numpy(np.ascontiguousarray(sample.image)).permute(2, 0, 1).float()[None] / 255.0
-    masks = torch.from_numpy(np.ascontiguousarray(sample.masks, dtype=np.float32))[None]
-    h, w = img.shape[-2:]
+@dataclass(frozen=True)
+class ViewPlan:
+    """Geometry of one augmented training view: resized size, horizontal flip, crop origin."""
+
+    size: tuple[int, int]
+    flip: bool
+    origin: tuple[int, int]
+
+
+def plan_view(image_hw: tuple[int, int], base_size: int, max_size: int, crop: int, flip: bool, scale: float,
+              rng: np.random.Generator) -> ViewPlan:
+    """Shortest edge to base_size (long edge <= max_size) times `scale`, then a random crop origin."""
+    h, w = image_hw
     factor = min(base_size / min(h, w), max_size / max(h, w)) * scale
     nh, nw = max(1, round(h * factor)), max(1, round(w * factor))
+    y0 = int(rng.integers(0, max(nh - crop, 0) + 1))
+    x0 = int(rng.integers(0, max(nw - crop, 0) + 1))
+    return ViewPlan((nh, nw), flip, (y0, x0))
+
+
+def render_view(sample: TrainSample, plan: ViewPlan, crop: int) -> tuple[torch.Tensor, Target]:
+    """The view's image (1,3,crop,crop) in [0,1] (zero padded) and its non-empty instance masks."""
+    img = torch.from_numpy(np.ascontiguousarray(sample.image)).permute(2, 0, 1).float()[None] / 255.0
+    masks = torch.from_numpy(np.ascontiguousarray(sample.masks, dtype=np.float32))[None]
+    nh, nw = plan.size
     img = F.interpolate(img, size=(nh, nw), mode="bilinear", align_corners=False).clamp(0, 1)
     if masks.shape[1]:
         masks = F.interpolate(masks, size=(nh, nw), mode="nearest")
     else:
         masks = masks.new_zeros(1, 0, nh, nw)
-    if flip:
+    if plan.flip:
         img, masks = img.flip(-1), masks.flip(-1)
-    y0 = int(rng.integers(0, max(nh - crop, 0) + 1))
-    x0 = int(rng.integers(0, max(nw - crop, 0) + 1))
+    y0, x0 = plan.origin
     img, masks = img[..., y0:y0 + crop, x0:x0 + crop], masks[..., y0:y0 + crop, x0:x0 + crop]
     pad = (0, crop - img.shape[-1], 0, crop - img.shape[-2])
     img, masks = F.pad(img, pad), F.pad(masks, pad)
@@ -281,12 +299,15 @@ def _augmented_view(sample: TrainSample, base_size: int, max_size: int, crop: in
 
 def finetune(model: "ODISE", samples: list[TrainSample], options: FinetuneOptions,
              progress: Callable[[int, int, float], None] | None = None,
-             should_stop: Callable[[], bool] | None = None, *, vocab: "Vocabulary") -> FinetuneResult:
+             should_stop: Callable[[], bool] | None = None, *, vocab: "Vocabulary",
+             feature_cache: dict[Any, dict[str, torch.Tensor]] | None = None) -> FinetuneResult:
     """Fine-tune the chosen head parts of `model` on `samples` whose class indices refer to `vocab`.
 
     AdamW with linear warmup then cosine decay to 10 %; deterministic for a given seed on CPU.
     `progress(step, total, loss)` is called after every step; `should_stop()` is polled before each
-    step and ends the run early (the weights keep the updates made so far).
+    step and ends the run early (the weights keep the updates made so far). `feature_cache`, a dict
+    the caller keeps, reuses view features across calls on the same model (keyed by image content
+    and view geometry); it is only valid while the backbone's weights stay unchanged.
     """
     if not samples:
         raise ValueError("finetune needs at least one training sample")
@@ -329,27 +350,34 @@ def finetune(model: "ODISE", samples: list[TrainSample], options: FinetuneOption
         return options.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
     views = max(1, options.views_per_image)
-    view_params = []
-    for _ in samples:
-        per = [(False, 1.0)]
+    plans: list[list[ViewPlan]] = []
+    for i, sample in enumerate(samples):
+        view_rng = np.random.default_rng([options.seed, i])
+        hw = sample.image.shape[:2]
+        per = [plan_view(hw, cfg.min_size, cfg.max_size, crop, False, 1.0, view_rng)]
         for _ in range(views - 1):
-            per.append((options.flip and bool(rng.random() < 0.5), float(rng.uniform(*options.scale_jitter))))
-        view_params.append(per)
-    cache: dict[tuple[int, int], tuple[dict[str, torch.Tensor], Target]] = {}
+            flip = options.flip and bool(view_rng.random() < 0.5)
+            scale = float(view_rng.uniform(*options.scale_jitter))
+            per.append(plan_view(hw, cfg.min_size, cfg.max_size, crop, flip, scale, view_rng))
+        plans.append(per)
+    digests = [hashlib.sha1(np.ascontiguousarray(s.image).tobytes()).hexdigest() + str(s.image.shape)
+               for s in samples]
+    cache = feature_cache if feature_cache is not None else {}
+    rendered: dict[tuple[int, int], Target] = {}
+    store = torch.float16 if options.cache_half else torch.float32
     seconds_features = 0.0
 
     def get_view(i: int, v: int) -> tuple[dict[str, torch.Tensor], Target]:
         nonlocal seconds_features
-        if (i, v) not in cache:
-            t0 = time.perf_counter()
-            flip, scale = view_params[i][v]
-            view_rng = np.random.default_rng([options.seed, i, v])
-            image01, target = _augmented_view(samples[i], cfg.min_size, cfg.max_size, crop, flip, scale, view_rng)
-            feats = model.extract_features(image01.to(device))
-            store = torch.float16 if options.cache_half else torch.float32
-            cache[(i, v)] = ({k: f.detach().to("cpu", store) for k, f in feats.items()}, target)
-            seconds_features += time.perf_counter() - t0
-        return cache[(i, v)]
+        key = (digests[i], plans[i][v], crop, store)
+        if (i, v) not in rendered or key not in cache:
+            image01, rendered[(i, v)] = render_view(samples[i], plans[i][v], crop)
+            if key not in cache:
+                t0 = time.perf_counter()
+                feats = model.extract_features(image01.to(device))
+                cache[key] = {k: f.detach().to("cpu", store) for k, f in feats.items()}
+                seconds_features += time.perf_counter() - t0
+        return cache[key], rendered[(i, v)]
 
     losses: list[float] = []
     parts: list[dict[str, float]] = []

@@ -105,3 +105,100 @@ def test_criterion_without_targets_pushes_to_no_object():
     assert losses["loss_mask"].item() == 0 and losses["loss_dice"].item() == 0
     crit.weighted_total(losses).backward()
     assert (logits.grad[0, :, 2] < 0).all()  # raising the no-object logit lowers the loss
+
+
+# ---------------------------------------------------------------------------------------------- fine-tune loop
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    from odise_core.config import get_config
+    from odise_core.model import ODISE
+    from odise_core.synthetic import CLASS_NAMES, IS_THING, make_scene
+    from odise_core.training import TrainSample
+    from odise_core.vocabulary import TextEmbeddingCache, Vocabulary
+
+    cache = TextEmbeddingCache(tmp_path_factory.mktemp("text"))
+
+    def build():
+        return ODISE.from_config(get_config("tiny"), device="cpu", text_cache=cache)
+
+    scenes = [make_scene(seed, size=128) for seed in (3, 4)]
+    samples = [TrainSample(s.image, s.masks, s.classes) for s in scenes]
+    return build, samples, Vocabulary.from_names(list(CLASS_NAMES), list(IS_THING)), {}
+
+
+def _options(**kw):
+    from odise_core.training import FinetuneOptions
+    base = dict(steps=6, lr=1e-3, warmup=2, views_per_image=1, seed=3, grad_clip=1.0, num_points=2048)
+    base.update(kw)
+    return FinetuneOptions(**base)
+
+
+def _fixed_loss(model, samples, vocab) -> float:
+    """Loss of the model on the unaugmented views with fixed sampling points (no grad)."""
+    from odise_core.training import SetCriterion, plan_view, render_view
+    crit = SetCriterion(len(vocab), num_points=2048)
+    total = 0.0
+    cfg = model.cfg.backbone
+    with torch.no_grad():
+        for i, s in enumerate(samples):
+            plan = plan_view(s.image.shape[:2], cfg.min_size, cfg.max_size, cfg.window, False, 1.0,
+                             np.random.default_rng(i))
+            image01, target = render_view(s, plan, cfg.window)
+            out = model.forward_heads(model.extract_features(image01), vocab)
+            losses = crit(out, [target], generator=torch.Generator().manual_seed(i))
+            total += float(crit.weighted_total(losses))
+    return total
+
+
+def test_finetune_reduces_loss_and_trains_only_chosen_parts(tiny_setup):
+    from odise_core.training import finetune
+    build, samples, vocab, cache = tiny_setup
+    model = build()
+    before = _fixed_loss(model, samples, vocab)
+    frozen = {k: v.clone() for k, v in model.state_dict().items()
+              if k.startswith(("backbone.", "category_head.", "sem_seg_head.pixel_decoder."))}
+    predictor = {k: v.clone() for k, v in model.sem_seg_head.predictor.state_dict().items()}
+    result = finetune(model, samples, _options(steps=16, trainable=("predictor",)), vocab=vocab,
+                      feature_cache=cache)
+    after = _fixed_loss(model, samples, vocab)
+    assert result.steps == 16 and len(result.losses) == 16 and not result.stopped
+    assert after < 0.8 * before
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in frozen.items())
+    changed = [k for k, v in model.sem_seg_head.predictor.state_dict().items() if not torch.equal(v, predictor[k])]
+    assert len(changed) > len(predictor) // 2
+    assert result.seconds_per_step > 0
+
+
+def test_finetune_is_deterministic_for_a_seed(tiny_setup):
+    from odise_core.training import finetune
+    build, samples, vocab, cache = tiny_setup
+    opts = _options(steps=3, batch_size=2)
+    first = finetune(build(), samples, opts, vocab=vocab, feature_cache=cache)
+    again = finetune(build(), samples, opts, vocab=vocab, feature_cache=cache)
+    assert again.seconds_features == 0  # every view came from the shared cache
+    assert first.losses == again.losses
+    other = finetune(build(), samples, _options(steps=3, batch_size=2, seed=4), vocab=vocab, feature_cache=cache)
+    assert other.seconds_features > 0 and other.losses != first.losses
+
+
+def test_finetune_progress_and_cancel(tiny_setup):
+    from odise_core.training import finetune
+    build, samples, vocab, cache = tiny_setup
+    calls = []
+    result = finetune(build(), samples, _options(steps=10), progress=lambda s, t, l: calls.append((s, t, l)),
+                      should_stop=lambda: len(calls) >= 3, vocab=vocab, feature_cache=cache)
+    assert result.stopped and result.steps == 3
+    assert [(s, t) for s, t, _ in calls] == [(1, 10), (2, 10), (3, 10)]
+    assert [l for _, _, l in calls] == result.losses
+
+
+def test_finetune_rejects_bad_samples(tiny_setup):
+    from odise_core.training import TrainSample, finetune
+    build, samples, vocab, cache = tiny_setup
+    s = samples[0]
+    bad = TrainSample(s.image, s.masks, np.full(len(s.classes), len(vocab)))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        finetune(build(), [bad], _options(), vocab=vocab)
+    with pytest.raises(ValueError, match="trainable parts"):
+        finetune(build(), samples, _options(trainable=("backbone",)), vocab=vocab)
