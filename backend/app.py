@@ -63,8 +63,10 @@ class _Metrics:
 
 
 def _error(message: str, status: int, **headers: str) -> Response:
+    """JSON error; the message is also the HTTP reason phrase, the only part Label Studio shows its users."""
     response = jsonify({"error": message, "status": status})
-    response.status_code = status
+    reason = " ".join(message.encode("ascii", "replace").decode().split())[:300]
+    response.status = f"{status} {reason}" if reason else str(status)
     response.headers.update(headers)
     return response
 

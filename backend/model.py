@@ -211,14 +211,17 @@ class ODISEBackend:
             return self.base_version, base
         with self._lock:
             cached = self._project_models.get(project)
-            if cached is not None and cached[0] == version:
-                return f"{self.base_version}+{project}-{version}", cached[1]
-        model = clone_for_training(base)
-        self.jobs.load_version(model, project, version)
-        model.eval()
-        with self._lock:
-            self._project_models[project] = (version, model)
-        return f"{self.base_version}+{project}-{version}", model
+        if cached is None or cached[0] != version:
+            model = clone_for_training(base)
+            self.jobs.load_version(model, project, version)
+            model.eval()
+            cached = (version, model)
+            with self._lock:
+                self._project_models[project] = cached
+        return self._version_name(version, project), cached[1]
+
+    def _version_name(self, version: str | None, project: str | None) -> str:
+        return self.base_version if version is None else f"{self.base_version}+{project}-{version}"
 
     def _on_promoted(self, project: str, version: str) -> None:
         with self._lock:
@@ -226,7 +229,9 @@ class ODISEBackend:
         log.info("project %s: next predictions use fine-tuned version %s", project, version)
 
     def model_version(self, project: str | None = None) -> str:
-        return self.model_for(project)[0]
+        """The version `project` is served with; cheap (no weights are loaded), as /setup must answer in 3 s."""
+        self._require_model()
+        return self._version_name(self.jobs.current_version(project) if project else None, project)
 
     # ----------------------------------------------------------------- protocol
     def parse_config(self, label_config: str) -> ProjectConfig:

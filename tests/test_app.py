@@ -146,6 +146,7 @@ def test_bad_requests_get_json_errors(ready) -> None:
     assert client.post("/predict", json={"label_config": CONFIG}).status_code == 400
     r = client.post("/setup", json={"project": "1.1", "schema": "<View><Text name='t' value='$t'/></View>"})
     assert r.status_code == 400 and "PolygonLabels" in r.get_json()["error"]
+    assert "PolygonLabels" in r.status, "Label Studio shows only the reason phrase to its users"
     r = _predict(client, [{"id": 1, "data": {}}], config="<View/>")
     assert r.status_code == 400
     assert client.get("/nope").status_code == 404 and "error" in client.get("/nope").get_json()
