@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from odise_core.geometry import polygons_to_mask
 from odise_core.training import TrainSample
 
 log = logging.getLogger(__name__)
@@ -63,11 +64,10 @@ def _label_of(value: dict) -> str | None:
 
 
 def _polygon_mask(points: Sequence[Sequence[float]], h: int, w: int) -> np.ndarray:
-    canvas = Image.new("L", (w, h), 0)
-    xy = [(float(x) * w / 100.0, float(y) * h / 100.0) for x, y in points]
-    if len(xy) >= 3:
-        ImageDraw.Draw(canvas).polygon(xy, fill=1, outline=1)
-    return np.asarray(canvas, dtype=bool)
+    xy = np.asarray(points, dtype=np.float64).reshape(-1, 2) * [w / 100.0, h / 100.0]
+    if len(xy) < 3:
+        return np.zeros((h, w), dtype=bool)
+    return polygons_to_mask([xy], h, w)
 
 
 def _rectangle_mask(value: dict, h: int, w: int) -> np.ndarray:
@@ -76,9 +76,7 @@ def _rectangle_mask(value: dict, h: int, w: int) -> np.ndarray:
     a = math.radians(float(value.get("rotation") or 0.0))
     c, s = math.cos(a), math.sin(a)
     corners = [(x + dx * c - dy * s, y + dx * s + dy * c) for dx, dy in ((0, 0), (bw, 0), (bw, bh), (0, bh))]
-    canvas = Image.new("L", (w, h), 0)
-    ImageDraw.Draw(canvas).polygon(corners, fill=1, outline=1)
-    return np.asarray(canvas, dtype=bool)
+    return polygons_to_mask([np.asarray(corners)], h, w)
 
 
 def _brush_mask(result: dict, value: dict, h: int, w: int) -> np.ndarray:

@@ -132,3 +132,14 @@ def test_unloadable_images_are_skipped():
 
     data = build_training_data(tasks(3), NAMES, load, THING, holdout_fraction=0.0)
     assert sorted(data.train_task_ids) == [1, 3] and data.skipped["image not loadable"] == 1
+
+
+def test_keyhole_polygon_from_predictions_keeps_its_hole():
+    from odise_core.geometry import PolygonOptions, mask_to_polygons
+
+    truth = np.zeros((H, W), bool)
+    truth[5:35, 5:45] = True
+    truth[15:25, 20:30] = False  # a hole, as stuff around a thing has
+    (ring,) = mask_to_polygons(truth, PolygonOptions(tolerance=0, min_area=1))
+    points = (ring / [W, H] * 100).tolist()
+    assert np.array_equal(result_mask(polygon("grass", points), H, W), truth)
