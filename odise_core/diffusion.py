@@ -77,16 +77,9 @@ class DiffusionFeatureExtractor(nn.Module):
         self.time_embed_project = PositionalLinear(clip_dim, time_dim, 1)
         self.alpha_cond_time_embed = nn.Parameter(torch.zeros(time_dim))
 
-        self._captured: dict[int, torch.Tensor] | None = None
-        self._time_cond: torch.Tensor | None = None
         self._last_index = {
             src: max(i for i, s in enumerate(self.specs) if s.source == src) for src in {s.source for s in self.specs}
         }
-        self._networks = {"vae_encoder": self.vae.encoder, "unet": self.unet, "vae_decoder": self.vae.decoder}
-        for index, spec in enumerate(self.specs):
-            block = self._networks[spec.source].get_submodule(spec.block)
-            block.register_forward_pre_hook(self._capture_hook(index), with_kwargs=True)
-        self.unet.time_embedding.register_forward_hook(self._time_embed_hook)
 
     def train(self, mode: bool = True) -> "DiffusionFeatureExtractor":
         """Only the captioner projections follow `mode`; SD stays in eval."""
@@ -95,29 +88,37 @@ class DiffusionFeatureExtractor(nn.Module):
         self.vae.eval()
         return self
 
-    def _capture_hook(self, index: int) -> Any:
-        source = self.specs[index].source
+    def _network(self, source: str) -> nn.Module:
+        return {"vae_encoder": self.vae.encoder, "unet": self.unet, "vae_decoder": self.vae.decoder}[source]
 
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if self._captured is None:
-                return
-            x = args[0] if args else next(iter(kwargs.values()))
-            self._captured[index] = x
-            if not self.full_networks and source in STOPPABLE and self._last_index[source] == index:
-                raise _StopNetwork
+    def _attach_hooks(self, captured: dict[int, torch.Tensor], time_cond: torch.Tensor) -> list[Any]:
+        """Hooks for one forward: capture block inputs (stopping networks early) and offset the time embedding.
 
-        return hook
+        Registered per call, so copies of this module never share capture state."""
+        handles = []
+        for index, spec in enumerate(self.specs):
+            stop = not self.full_networks and spec.source in STOPPABLE and self._last_index[spec.source] == index
 
-    def _time_embed_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        if self._time_cond is None:
-            return None
-        return output + self._time_cond.to(output.dtype)
+            def hook(module: nn.Module, args: tuple, kwargs: dict, index: int = index, stop: bool = stop) -> None:
+                captured[index] = args[0] if args else next(iter(kwargs.values()))
+                if stop:
+                    raise _StopNetwork
 
-    def _run(self, fn: Any) -> Any:
+            block = self._network(spec.source).get_submodule(spec.block)
+            handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+
+        def add_time_cond(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            return output + time_cond.to(output.dtype)
+
+        handles.append(self.unet.time_embedding.register_forward_hook(add_time_cond))
+        return handles
+
+    @staticmethod
+    def _run(fn: Any) -> None:
         try:
-            return fn()
+            fn()
         except _StopNetwork:
-            return None
+            pass
 
     def conditioning(self, clip_embed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Implicit captioner: UNet context (B,77,C) and time-embedding offset (B,T) from CLIP embeddings."""
@@ -132,7 +133,9 @@ class DiffusionFeatureExtractor(nn.Module):
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         x = (crops01 * 2.0 - 1.0).to(dtype).contiguous(memory_format=memory_format)
         batch = x.shape[0]
-        self._captured = {}
+        context, time_cond = self.conditioning(clip_embed.to(self.alpha_cond.dtype))
+        captured: dict[int, torch.Tensor] = {}
+        handles = self._attach_hooks(captured, time_cond)
         try:
             with torch.no_grad():
                 h = self.vae.encoder(x)
@@ -143,16 +146,14 @@ class DiffusionFeatureExtractor(nn.Module):
             if noise.shape[-2:] != latent.shape[-2:]:
                 noise = F.interpolate(noise, size=latent.shape[-2:], mode="bicubic", align_corners=False)
             noisy = self.signal_scale * latent + self.noise_scale * noise.to(latent.dtype)
-            context, self._time_cond = self.conditioning(clip_embed.to(self.alpha_cond.dtype))
             timesteps = torch.full((batch,), self.cfg.timestep, dtype=torch.long, device=x.device)
             self._run(lambda: self.unet(noisy, timesteps, encoder_hidden_states=context.to(dtype)))
-            self._time_cond = None
             with torch.no_grad():
                 z = latent / self.cfg.vae_scale
                 if self.vae.post_quant_conv is not None:
                     z = self.vae.post_quant_conv(z)
                 self._run(lambda: self.vae.decoder(z))
-            captured = self._captured
         finally:
-            self._captured, self._time_cond = None, None
+            for handle in handles:
+                handle.remove()
         return [captured[i] for i in range(len(self.specs))]

@@ -154,3 +154,15 @@ def test_gradients_reach_the_captioner(extractor, crops):
     assert all(p.grad is None for p in model.unet.parameters())
     model.zero_grad(set_to_none=True)
     model.eval()
+
+
+def test_copies_capture_independently(extractor, crops):
+    import copy
+
+    twin = copy.deepcopy(extractor)
+    with torch.inference_mode():
+        ours = extractor(crops[:1], _embed(1))
+        theirs = twin(crops[:1], _embed(1))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b)
+    assert not extractor.unet.up_blocks[3].resnets[2]._forward_pre_hooks  # hooks live only during a forward
