@@ -1,0 +1,156 @@
+"""A real Label Studio server and this backend (tiny preset), both on 127.0.0.1, for the whole session.
+
+Label Studio is looked up at <repo>/.venv-ls/bin/label-studio, then $LABEL_STUDIO_BIN, then
+/work/venvs/ls/bin/label-studio. When none exists the e2e tests are skipped, except under CI=true
+where that is a failure. Both servers stop at the end of the session.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import requests
+from werkzeug.serving import make_server
+
+from backend.app import create_app
+from backend.model import BackendSettings, ODISEBackend
+
+ROOT = Path(__file__).resolve().parents[2]
+EMAIL = "e2e@example.com"
+PASSWORD = "e2e-password-123"
+LEGACY_TOKEN = "odise-e2e-legacy-token-0123456789"
+STARTUP_TIMEOUT = 300.0
+
+
+def find_label_studio() -> Path | None:
+    candidates = [ROOT / ".venv-ls" / "bin" / "label-studio"]
+    if os.environ.get("LABEL_STUDIO_BIN"):
+        candidates.append(Path(os.environ["LABEL_STUDIO_BIN"]))
+    candidates.append(Path("/work/venvs/ls/bin/label-studio"))
+    return next((c for c in candidates if c.is_file() and os.access(c, os.X_OK)), None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, proc: subprocess.Popen | None, log: Path | None, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:] if log else ""
+            pytest.fail(f"Label Studio exited with code {proc.returncode} during startup:\n{tail}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"{url} did not answer within {timeout:.0f} s")
+
+
+@dataclass
+class LabelStudioServer:
+    url: str
+    legacy_token: str
+    personal_token: str
+    data_dir: Path
+
+    def api(self) -> requests.Session:
+        s = requests.Session()
+        s.headers["Authorization"] = f"Token {self.legacy_token}"
+        return s
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStudioServer]:
+    binary = find_label_studio()
+    if binary is None:
+        message = ("Label Studio not found: run ./dev setup (creates .venv-ls) or set LABEL_STUDIO_BIN "
+                   "to a label-studio executable")
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    data_dir = tmp_path_factory.mktemp("label-studio")
+    port = free_port()
+    env = {
+        **os.environ,
+        "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir),
+        "LATEST_VERSION_CHECK": "false",
+        "COLLECT_ANALYTICS": "false",
+        "SENTRY_DSN": "",
+        "FRONTEND_SENTRY_DSN": "",
+        # The backend and the images live on 127.0.0.1, which Label Studio blocks by default.
+        "ML_BLOCK_LOCAL_IP": "false",
+        "SSRF_PROTECTION_ENABLED": "false",
+        "USE_DEFAULT_BANNED_SUBNETS": "false",
+        "LOCAL_FILES_SERVING_ENABLED": "true",
+        "LOCAL_FILES_DOCUMENT_ROOT": str(data_dir),
+        "DJANGO_DB": "sqlite",
+        "PYTHONUNBUFFERED": "1",
+    }
+    log = data_dir / "label-studio.log"
+    cmd = [str(binary), "start", "--no-browser", "--internal-host", "127.0.0.1", "-p", str(port),
+           "--data-dir", str(data_dir), "--username", EMAIL, "--password", PASSWORD,
+           "--user-token", LEGACY_TOKEN, "--enable-legacy-api-token", "--log-level", "WARNING"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(f"{url}/health", proc, log, STARTUP_TIMEOUT)
+        r = requests.post(f"{url}/api/token/", headers={"Authorization": f"Token {LEGACY_TOKEN}"}, timeout=30)
+        assert r.status_code in (200, 201), f"creating a personal access token failed: {r.status_code} {r.text}"
+        yield LabelStudioServer(url=url, legacy_token=LEGACY_TOKEN, personal_token=r.json()["token"],
+                                data_dir=data_dir)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+
+
+@dataclass
+class BackendServer:
+    url: str
+    backend: ODISEBackend
+
+
+@pytest.fixture(scope="session")
+def tiny_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackendServer]:
+    """This backend with the tiny preset on 127.0.0.1; its model loads while Label Studio starts."""
+    model_dir = tmp_path_factory.mktemp("models")
+    settings = BackendSettings.from_env({}, preset="tiny", device="cpu", model_dir=model_dir)
+    backend = ODISEBackend(settings)
+    backend.start_loading(background=True)
+    server = make_server("127.0.0.1", 0, create_app(backend), threaded=True)
+    thread = threading.Thread(target=server.serve_forever, name="odise-backend", daemon=True)
+    thread.start()
+    try:
+        yield BackendServer(url=f"http://127.0.0.1:{server.port}", backend=backend)
+    finally:
+        server.shutdown()
+        server.server_close()
+        backend.jobs.shutdown(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def backend_server(tiny_backend: BackendServer, label_studio: LabelStudioServer) -> BackendServer:
+    """The backend, ready, authenticating to Label Studio with a personal access token (refresh JWT)."""
+    tiny_backend.backend.fetcher.configure(label_studio.url, label_studio.personal_token)
+    assert tiny_backend.backend.wait_ready(STARTUP_TIMEOUT), f"tiny model failed to load: {tiny_backend.backend.error}"
+    assert tiny_backend.backend.fetcher.auth.is_personal_token
+    return tiny_backend

@@ -1,0 +1,131 @@
+"""Predictions requested through a real Label Studio server and stored by it: polygons, then brushes."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+from typing import Any
+
+import numpy as np
+import pytest
+import requests
+import skimage.data
+from PIL import Image
+
+from backend.label_config import make_label_config
+from odise_core.geometry import brush_rle_decode, polygons_to_mask
+from odise_core.vocabulary import Vocabulary
+
+pytestmark = pytest.mark.e2e
+log = logging.getLogger(__name__)
+
+VOCAB = Vocabulary.from_text("cat:kitten, coffee cup:mug, person, grass (stuff), sky (stuff)")
+PHOTOS = {"chelsea.jpg": skimage.data.chelsea(), "coffee.jpg": skimage.data.coffee()}
+
+
+def _jpeg(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=92)
+    return buf.getvalue()
+
+
+def _project_with_tasks(ls: Any, kind: str, broken_task: bool) -> tuple[int, dict[int, tuple]]:
+    """A project with the given control kind and the photos uploaded as files; returns task id -> (h, w)."""
+    api = ls.api()
+    r = api.post(f"{ls.url}/api/projects", json={"title": f"odise e2e {kind}",
+                                                 "label_config": make_label_config(VOCAB, kind=kind)}, timeout=30)
+    assert r.status_code == 201, r.text
+    pid = r.json()["id"]
+    files = [(f"file{i}", (name, _jpeg(img), "image/jpeg")) for i, (name, img) in enumerate(PHOTOS.items())]
+    n_photos = len(files)
+    r = api.post(f"{ls.url}/api/projects/{pid}/import", files=files, timeout=60)
+    assert r.status_code == 201 and r.json()["task_count"] == n_photos, r.text
+    if broken_task:
+        r = api.post(f"{ls.url}/api/projects/{pid}/import", json=[{"image": "http://127.0.0.1:9/nothing.jpg"}],
+                     timeout=30)
+        assert r.status_code == 201, r.text
+    tasks = api.get(f"{ls.url}/api/tasks", params={"project": pid, "page_size": 100}, timeout=30).json()["tasks"]
+    sizes = {}
+    for t in tasks:
+        name = next((n for n in PHOTOS if t["data"]["image"].endswith(n)), None)
+        sizes[t["id"]] = PHOTOS[name].shape[:2] if name else None
+    assert all(t["data"]["image"].startswith("/data/upload/") for t in tasks if sizes[t["id"]])
+    return pid, sizes
+
+
+def _connect_and_predict(ls: Any, backend: Any, pid: int) -> list[dict]:
+    """Connect the backend in the project's Model settings, run "Retrieve predictions", return stored ones."""
+    api = ls.api()
+    r = api.post(f"{ls.url}/api/ml", json={"url": backend.url, "project": pid, "title": "ODISE tiny"}, timeout=60)
+    assert r.status_code == 201, r.text
+    ml = r.json()
+    assert ml["state"] == "CO", f"Label Studio could not connect the backend: {ml.get('error_message')}"
+    assert ml["model_version"] == backend.backend.base_version
+    r = api.post(f"{ls.url}/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": pid},
+                 json={"selectedItems": {"all": True, "excluded": []}}, timeout=600)
+    assert r.status_code == 200, r.text
+    r = api.get(f"{ls.url}/api/predictions", params={"project": pid}, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _labels_of(region: dict) -> list[str]:
+    return region["value"][region["type"]]
+
+
+def test_polygon_predictions_through_label_studio(label_studio: Any,
+                                                  backend_server: Any) -> None:
+    pid, sizes = _project_with_tasks(label_studio, "polygon", broken_task=True)
+    predictions = _connect_and_predict(label_studio, backend_server, pid)
+    good = {tid for tid, size in sizes.items() if size}
+    # The task whose image cannot be downloaded gets no prediction; the others are stored.
+    assert {p["task"] for p in predictions} == good
+    log.info("stored prediction example: %s", json.dumps(predictions[0])[:3000])
+    for pred in predictions:
+        h, w = sizes[pred["task"]]
+        assert pred["model_version"] == backend_server.backend.base_version
+        assert 0.0 <= pred["score"] <= 1.0
+        assert pred["result"], "the tiny model with random weights still returns regions"
+        for region in pred["result"]:
+            assert region["type"] == "polygonlabels"
+            assert (region["from_name"], region["to_name"]) == ("label", "image")
+            assert (region["original_width"], region["original_height"]) == (w, h)
+            assert len(_labels_of(region)) == 1 and _labels_of(region)[0] in VOCAB.names
+            assert 0.0 <= region["score"] <= 1.0
+            pts = np.asarray(region["value"]["points"], dtype=float)
+            assert pts.ndim == 2 and pts.shape[1] == 2 and len(pts) >= 3
+            assert pts.min() >= 0.0 and pts.max() <= 100.0
+            area = polygons_to_mask([pts / 100.0 * [w, h]], h, w).sum()
+            assert area >= backend_server.backend.settings.result.min_area * 0.5
+
+
+def test_brush_predictions_through_label_studio(label_studio: Any,
+                                                backend_server: Any) -> None:
+    pid, sizes = _project_with_tasks(label_studio, "brush", broken_task=False)
+    predictions = _connect_and_predict(label_studio, backend_server, pid)
+    assert {p["task"] for p in predictions} == set(sizes)
+    for pred in predictions:
+        h, w = sizes[pred["task"]]
+        assert pred["result"]
+        covered = np.zeros((h, w), bool)
+        for region in pred["result"]:
+            assert region["type"] == "brushlabels" and region["value"]["format"] == "rle"
+            assert _labels_of(region)[0] in VOCAB.names
+            mask = brush_rle_decode(region["value"]["rle"], h, w)
+            assert mask.sum() >= backend_server.backend.settings.result.min_area
+            covered |= mask
+        assert covered.any()
+
+
+def test_label_studio_reports_a_bad_config_at_setup(label_studio: Any,
+                                                    backend_server: Any) -> None:
+    api = label_studio.api()
+    config = '<View><Image name="image" value="$image"/><Choices name="c" toName="image"><Choice value="a"/>' \
+             '</Choices></View>'
+    pid = api.post(f"{label_studio.url}/api/projects", json={"title": "odise e2e choices", "label_config": config},
+                   timeout=30).json()["id"]
+    r = api.post(f"{label_studio.url}/api/ml", json={"url": backend_server.url, "project": pid}, timeout=60)
+    # Label Studio calls /setup before saving the connection and shows the backend's reason.
+    assert r.status_code == 400, r.text
+    assert "PolygonLabels" in r.text
+    assert requests.get(f"{backend_server.url}/health", timeout=5).json()["model_state"] == "ready"
