@@ -16,7 +16,8 @@ model's; otherwise it is kept on disk, not promoted, and the figures are logged.
 Webhook policy (env vars): START_TRAINING always trains; ANNOTATION_CREATED/UPDATED train when
 ODISE_TRAIN_ON_ANNOTATION is true (default), after ODISE_TRAIN_DEBOUNCE seconds without a
 further event (default 30), and only with at least ODISE_TRAIN_MIN_ANNOTATIONS usable annotated
-tasks (default 8).
+tasks (default 8). The fine-tune's steps, learning rate, batch size, augmented views per image
+and points per mask come from ODISE_TRAIN_STEPS / _LR / _BATCH / _VIEWS / _POINTS when set.
 """
 from __future__ import annotations
 
@@ -313,15 +314,19 @@ def evaluate_model(model: Any, samples: list[Any], vocab: Any, lock: Any = None)
 FetchFn = Callable[[float], TrainingData]
 
 
+TRAIN_ENV = {"ODISE_TRAIN_STEPS": ("steps", int), "ODISE_TRAIN_LR": ("lr", float),
+             "ODISE_TRAIN_BATCH": ("batch_size", int), "ODISE_TRAIN_VIEWS": ("views_per_image", int),
+             "ODISE_TRAIN_POINTS": ("num_points", int)}
+
+
 def default_finetune_options() -> Any:
-    """FinetuneOptions with steps / learning rate from ODISE_TRAIN_STEPS / ODISE_TRAIN_LR when set."""
+    """FinetuneOptions, with the fields named in TRAIN_ENV taken from those env vars when set."""
     from odise_core.training import FinetuneOptions
 
     opts = FinetuneOptions()
-    if os.environ.get("ODISE_TRAIN_STEPS"):
-        opts.steps = int(os.environ["ODISE_TRAIN_STEPS"])
-    if os.environ.get("ODISE_TRAIN_LR"):
-        opts.lr = float(os.environ["ODISE_TRAIN_LR"])
+    for env, (attr, kind) in TRAIN_ENV.items():
+        if os.environ.get(env):
+            setattr(opts, attr, kind(os.environ[env]))
     return opts
 
 

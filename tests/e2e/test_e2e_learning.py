@@ -1,0 +1,163 @@
+"""The learning loop through a real Label Studio: annotate -> webhook -> train -> new model_version ->
+better predictions on the held-out tasks.
+
+Tasks are generated scenes (odise_core.synthetic) whose ground truth is known, annotated through the
+Label Studio API with polygons; each annotation fires Label Studio's ANNOTATION_CREATED webhook at
+the backend, whose policy (minimum count + debounce) starts one fine-tune. Predictions retrieved
+through Label Studio before and after are scored against the ground truth of the held-out tasks.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from backend.label_config import make_label_config
+from odise_core.evaluation import evaluate
+from odise_core.geometry import PolygonOptions, mask_to_polygons, polygons_to_mask
+from odise_core.synthetic import CLASS_NAMES, IS_THING, make_dataset
+from odise_core.types import Segment
+from odise_core.vocabulary import VocabClass, Vocabulary
+
+pytestmark = pytest.mark.e2e
+log = logging.getLogger(__name__)
+
+VOCAB = Vocabulary([VocabClass(n, (n,), t) for n, t in zip(CLASS_NAMES, IS_THING)])
+N_TASKS = 16
+SIZE = 128
+TRAIN_TIMEOUT = 1500.0
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _polygon_results(masks: np.ndarray, classes: np.ndarray) -> list[dict]:
+    """Ground-truth masks as Label Studio polygon results (percent coordinates, keyhole holes)."""
+    h, w = masks.shape[1:]
+    results = []
+    for i, (mask, cls) in enumerate(zip(masks, classes)):
+        for j, ring in enumerate(mask_to_polygons(mask, PolygonOptions(tolerance=0.5, min_area=4))):
+            results.append({
+                "id": f"r{i}_{j}", "type": "polygonlabels", "from_name": "label", "to_name": "image",
+                "original_width": w, "original_height": h, "image_rotation": 0,
+                "value": {"points": (ring / [w, h] * 100).tolist(), "closed": True,
+                          "polygonlabels": [CLASS_NAMES[int(cls)]]},
+            })
+    return results
+
+
+def _segments(prediction: dict) -> list[Segment]:
+    """A stored Label Studio prediction back to Segments (polygons of one label in one segment)."""
+    by_label: dict[str, np.ndarray] = {}
+    for region in prediction["result"]:
+        h, w = region["original_height"], region["original_width"]
+        pts = np.asarray(region["value"]["points"], dtype=float) / 100.0 * [w, h]
+        label = region["value"]["polygonlabels"][0]
+        by_label.setdefault(label, np.zeros((h, w), bool))
+        by_label[label] |= polygons_to_mask([pts], h, w)
+    return [Segment(m, CLASS_NAMES.index(label), float(prediction.get("score") or 1.0), IS_THING[CLASS_NAMES.index(label)])
+            for label, m in by_label.items()]
+
+
+def _retrieve_predictions(ls: Any, pid: int) -> list[dict]:
+    api = ls.api()
+    r = api.post(f"{ls.url}/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": pid},
+                 json={"selectedItems": {"all": True, "excluded": []}}, timeout=900)
+    assert r.status_code == 200, r.text
+    r = api.get(f"{ls.url}/api/predictions", params={"project": pid}, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_annotations_train_a_better_model_through_label_studio(label_studio: Any, backend_server: Any,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = backend_server.backend
+    jobs = backend.jobs
+    monkeypatch.setattr(jobs.policy, "min_annotations", 12)
+    monkeypatch.setattr(jobs.policy, "debounce_seconds", 10.0)
+    monkeypatch.setattr(jobs.policy, "holdout_fraction", 0.25)
+    monkeypatch.setenv("ODISE_TRAIN_STEPS", "60")
+    monkeypatch.setenv("ODISE_TRAIN_LR", "1e-3")
+    monkeypatch.setenv("ODISE_TRAIN_VIEWS", "1")
+    monkeypatch.setenv("ODISE_TRAIN_POINTS", "3136")
+    api = label_studio.api()
+    url = label_studio.url
+
+    r = api.post(f"{url}/api/projects", json={"title": "odise e2e learning",
+                                              "label_config": make_label_config(VOCAB, kind="polygon")}, timeout=30)
+    assert r.status_code == 201, r.text
+    pid = r.json()["id"]
+    scenes = make_dataset(N_TASKS + 1, seed=11, size=SIZE)
+    files = [(f"file{i}", (f"scene{i:02d}.png", _png(s.image), "image/png")) for i, s in enumerate(scenes)]
+    r = api.post(f"{url}/api/projects/{pid}/import", files=files, timeout=120)
+    assert r.status_code == 201 and r.json()["task_count"] == N_TASKS + 1, r.text
+    tasks = api.get(f"{url}/api/tasks", params={"project": pid, "page_size": 100}, timeout=30).json()["tasks"]
+    scene_of = {t["id"]: scenes[int(t["data"]["image"].rsplit("scene", 1)[1][:2])] for t in tasks}
+
+    # connecting the backend makes Label Studio create its /webhook hook; predictions of the base model
+    r = api.post(f"{url}/api/ml", json={"url": backend_server.url, "project": pid, "title": "ODISE tiny"}, timeout=60)
+    assert r.status_code == 201 and r.json()["state"] == "CO", r.text
+    before = {p["task"]: p for p in _retrieve_predictions(label_studio, pid)}
+    base_version = backend.base_version
+    assert {p["model_version"] for p in before.values()} == {base_version}
+
+    # annotate: every task but one gets its ground truth; the last one is skipped (cancelled)
+    ordered = sorted(scene_of)
+    for tid in ordered[:N_TASKS]:
+        s = scene_of[tid]
+        r = api.post(f"{url}/api/tasks/{tid}/annotations", json={"result": _polygon_results(s.masks, s.classes),
+                                                                "was_cancelled": False, "lead_time": 1.0}, timeout=60)
+        assert r.status_code == 201, r.text
+    r = api.post(f"{url}/api/tasks/{ordered[-1]}/annotations",
+                 json={"result": [], "was_cancelled": True, "lead_time": 1.0}, timeout=60)
+    assert r.status_code == 201, r.text
+
+    # the webhooks (one per annotation) were debounced into one job, started once they stopped
+    deadline = time.time() + 120
+    while (jobs.job(str(pid)) is None or jobs.status(str(pid))["scheduled"]) and time.time() < deadline:
+        time.sleep(0.5)
+    job = jobs.job(str(pid))
+    assert job is not None, f"no training job started: {jobs.status(str(pid))}"
+    assert job.reason in ("ANNOTATION_CREATED", "ANNOTATIONS_CREATED")
+    seen_progress = False
+    deadline = time.time() + TRAIN_TIMEOUT
+    while not job.wait(2.0) and time.time() < deadline:
+        body = requests.post(f"{backend_server.url}/job_status", json={"job": job.id}, timeout=10).json()
+        seen_progress |= body["state"] == "training" and body["step"] > 0
+    assert job.state == "done", job.as_dict()
+    assert seen_progress, "training progress was never visible through /job_status"
+    log.info("job: %s", job.as_dict())
+
+    meta = jobs.store.metadata(str(pid), job.version)
+    assert meta["data"]["train"] + meta["data"]["holdout"] == N_TASKS
+    assert meta["data"]["holdout"] >= 1 and sum(meta["data"]["skipped"].values()) == 1
+    assert meta["vocabulary"] == list(CLASS_NAMES)
+    assert job.promoted, f"fine-tune was not better on the held-out tasks: {job.message}"
+    assert jobs.current_version(str(pid)) == job.version
+
+    # Label Studio now gets predictions from the new model version
+    after_all = _retrieve_predictions(label_studio, pid)
+    new_version = backend.model_version(str(pid))
+    assert new_version != base_version and new_version.endswith(job.version)
+    after = {p["task"]: p for p in after_all if p["model_version"] == new_version}
+    holdout = meta["data"]["holdout_task_ids"]
+    assert set(holdout) <= set(after) and set(holdout) <= set(before)
+
+    def pq(preds: dict[int, dict]) -> float:
+        pairs = [(_segments(preds[t]), scene_of[t].segments()) for t in holdout]
+        return evaluate(pairs, CLASS_NAMES, IS_THING).pq
+
+    pq_before, pq_after = pq(before), pq(after)
+    log.info("held-out PQ through Label Studio: before %.2f, after %.2f", pq_before, pq_after)
+    assert pq_after > pq_before
+    # a backend restart (new JobManager on the same MODEL_DIR) serves the same version
+    assert type(jobs)(jobs.store.root).current_version(str(pid)) == job.version
