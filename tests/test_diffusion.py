@@ -166,3 +166,17 @@ def test_copies_capture_independently(extractor, crops):
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b)
     assert not extractor.unet.up_blocks[3].resnets[2]._forward_pre_hooks  # hooks live only during a forward
+
+
+def test_channels_last_gives_the_same_features(cfg, crops):
+    plain = DiffusionFeatureExtractor(cfg, CLIP_DIM).eval()
+    with torch.inference_mode():
+        expected = plain(crops[:1], _embed(1))
+    fast = DiffusionFeatureExtractor(cfg, CLIP_DIM, channels_last=True,
+                                     sd=(plain.unet, plain.vae, plain.empty_embedding)).eval()
+    fast.load_state_dict(plain.state_dict())
+    assert plain.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        got = fast(crops[:1], _embed(1))
+    for a, b in zip(expected, got):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
