@@ -69,13 +69,15 @@ IGNORED_CHECKPOINT_PREFIXES = (
     "pixel_std",
 )
 
-HOW_TO = (
-    "Supply the weights with the CLI flags or these environment variables: "
-    f"{ENV_SD}=<diffusers dir | sd-v1-3.ckpt | hub id>, {ENV_CLIP}=<file | open_clip tag>, "
-    f"{ENV_CHECKPOINT}=<.pth path | URL>, or place them in {ENV_WEIGHTS_DIR} "
-    f"({SD_CKPT_NAME} or {SD_DIFFUSERS_DIR_NAME}/, clip/ViT-L-14-336px.pt, checkpoints/<name>.pth). "
-    "Use --preset tiny for random weights."
-)
+def how_to_supply() -> str:
+    """The one-line instructions every WeightsMissingError ends with."""
+    return (
+        "Supply the weights with the CLI flags or these environment variables: "
+        f"{ENV_SD}=<diffusers dir | sd-v1-3.ckpt | hub id>, {ENV_CLIP}=<file | open_clip tag>, "
+        f"{ENV_CHECKPOINT}=<.pth path | URL>, or place them in {weights_dir()} (set by {ENV_WEIGHTS_DIR}): "
+        f"{SD_CKPT_NAME} or {SD_DIFFUSERS_DIR_NAME}/, clip/ViT-L-14-336px.pt, checkpoints/<name>.pth. "
+        "Use --preset tiny for random weights."
+    )
 
 
 class WeightsMissingError(RuntimeError):
@@ -111,7 +113,7 @@ def _reachable(host: str) -> bool:
 
 def _missing(what: str, looked: list[str], why: str) -> WeightsMissingError:
     where = "; ".join(looked) if looked else "nowhere"
-    return WeightsMissingError(f"{what} not found ({why}). Looked in: {where}. {HOW_TO}")
+    return WeightsMissingError(f"{what} not found ({why}). Looked in: {where}. {how_to_supply()}")
 
 
 def _is_url(s: str) -> bool:
@@ -358,7 +360,7 @@ def resolve_clip_source(cfg: ClipConfig) -> tuple[str, str]:
             looked.append(str(candidate))
     pcfg = KNOWN_CLIP_SOURCES.get((cfg.model_name, source)) or _open_clip_pretrained_cfg(cfg.model_name, source)
     if not pcfg:
-        raise WeightsMissingError(f"open_clip has no pretrained tag {source!r} for {cfg.model_name}. {HOW_TO}")
+        raise WeightsMissingError(f"open_clip has no pretrained tag {source!r} for {cfg.model_name}. {how_to_supply()}")
     hub = (pcfg.get("hf_hub") or "").strip("/")
     if hub:
         looked.append(f"Hugging Face cache for {hub}")
@@ -488,10 +490,10 @@ def check_weights_available(cfg: ModelConfig) -> None:
         try:
             check()
         except WeightsMissingError as exc:
-            problems.append(str(exc).replace(f" {HOW_TO}", ""))
+            problems.append(str(exc).replace(f" {how_to_supply()}", ""))
     if problems:
         raise WeightsMissingError(f"preset {cfg.name!r} cannot load its weights:\n- " + "\n- ".join(problems)
-                                  + f"\n{HOW_TO}")
+                                  + f"\n{how_to_supply()}")
 
 
 def _check_checkpoint(url_or_path: str) -> None:
