@@ -20,6 +20,7 @@ from urllib.parse import quote, unquote, urljoin, urlparse
 
 import numpy as np
 import requests
+from PIL import Image
 
 from odise_core.preprocess import load_image
 
@@ -124,6 +125,8 @@ class ImageFetcher:
         data = self._read_bytes(url.strip(), task_id)
         try:
             image = load_image(data)
+        except Image.DecompressionBombError as e:
+            raise ImageFetchError(f"{_short(url)} has too many pixels: {e}") from e
         except (ValueError, OSError) as e:
             raise ImageFetchError(f"{_short(url)} is not a readable image: {e}") from e
         with self._lock:

@@ -252,3 +252,18 @@ def test_training_does_not_block_predictions(tmp_path: Path, monkeypatch) -> Non
     assert client.post("/setup", json={"project": "9.1", "schema": CONFIG}).get_json()["model_version"] == \
         backend.base_version
     assert len(client.get("/versions?project=9.1").get_json()["versions"]) == 2
+
+
+def test_several_images_and_controls_per_task(ready) -> None:
+    _, client = ready
+    config = """<View><Image name="before" value="$before"/><Image name="after" value="$after"/>
+    <PolygonLabels name="p" toName="before"><Label value="Bright"/><Label value="Dark" category="stuff"/></PolygonLabels>
+    <RectangleLabels name="r" toName="after"><Label value="Bright"/></RectangleLabels>
+    <BrushLabels name="b" toName="after"><Label value="Dark" category="stuff"/></BrushLabels></View>"""
+    task = {"id": 1, "data": {"before": _data_uri(_image()), "after": _data_uri(_image())}}
+    (pred,) = _predict(client, [task], config=config).get_json()["results"]
+    got = sorted((r["to_name"], r["from_name"], r["type"], r["value"][r["type"]][0]) for r in pred["result"])
+    assert got == [("after", "b", "brushlabels", "Dark"), ("after", "r", "rectanglelabels", "Bright"),
+                   ("before", "p", "polygonlabels", "Bright"), ("before", "p", "polygonlabels", "Dark")]
+    box = next(r for r in pred["result"] if r["type"] == "rectanglelabels")["value"]
+    assert (box["x"], box["y"], box["width"], box["height"]) == (25.0, 16.6667, 50.0, 50.0)
