@@ -69,14 +69,15 @@ def deformable_sample(value: torch.Tensor, spatial_shapes: list[tuple[int, int]]
     _, lq, _, levels, points, _ = sampling_locations.shape
     values = value.split([h * w for h, w in spatial_shapes], dim=1)
     grids = 2 * sampling_locations - 1
-    sampled = []
+    weights = attention_weights.transpose(1, 2).reshape(b * m, lq, levels, points)
+    out = None
     for lvl, (h, w) in enumerate(spatial_shapes):
         v = values[lvl].flatten(2).transpose(1, 2).reshape(b * m, d, h, w)
         g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # (B*M, Lq, P, 2)
-        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
-    weights = attention_weights.transpose(1, 2).reshape(b * m, 1, lq, levels * points)
-    out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)  # (B*M, D, Lq)
-    return out.view(b, m * d, lq).transpose(1, 2)
+        sampled = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)  # (B*M,D,Lq,P)
+        level_out = (sampled * weights[:, None, :, lvl]).sum(-1)
+        out = level_out if out is None else out + level_out
+    return out.reshape(b, m * d, lq).transpose(1, 2)
 
 
 class MSDeformAttn(nn.Module):
