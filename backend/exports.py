@@ -10,7 +10,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 from urllib.parse import parse_qs, unquote, urlparse
 
 import numpy as np
@@ -234,11 +234,15 @@ def _chosen_results(task: dict[str, Any], source: str, model_version: str | None
 
 
 def tasks_to_export(tasks: Sequence[dict[str, Any]], label_config: str, source: str = "predictions",
-                    model_version: str | None = None) -> tuple[list[ExportImage], list[Category]]:
+                    model_version: str | None = None,
+                    image_size: Callable[[dict[str, Any], str], tuple[int, int]] | None = None,
+                    ) -> tuple[list[ExportImage], list[Category]]:
     """Label Studio tasks (an export JSON or `odise-ls prelabel --folder` output) -> images with segments.
 
     Uses the first polygon or brush control of the config (boxes carry no masks). Tasks without a
-    prediction/annotation, or without a region (their image size is then unknown), are skipped.
+    prediction/annotation are skipped. A task whose prediction/annotation has no region still is
+    an image of the dataset; its size comes from `image_size(task, url)` (e.g. by downloading the
+    image), and without that callable such tasks are skipped with a warning.
     """
     from backend.label_config import parse_label_config
     from backend.training_data import result_mask
@@ -256,15 +260,26 @@ def tasks_to_export(tasks: Sequence[dict[str, Any]], label_config: str, source: 
     class_of = {label: k for k, label in label_of.items()}
     is_thing = [bool(t) for t in target.vocabulary.is_thing]
     images: list[ExportImage] = []
-    skipped = 0
+    unlabeled = unsized = 0
     for i, task in enumerate(tasks):
         chosen = _chosen_results(task, source, model_version)
-        regions = [r for r in (chosen[0] if chosen else [])
-                   if r.get("from_name") == control.name and r.get("to_name") == control.to_name]
-        if not regions:
-            skipped += 1
+        if chosen is None:
+            unlabeled += 1
             continue
-        h, w = int(regions[0]["original_height"]), int(regions[0]["original_width"])
+        url = str((task.get("data") or {}).get(target.data_key, f"task_{task.get('id', i + 1)}"))
+        regions = [r for r in chosen[0] if r.get("from_name") == control.name and r.get("to_name") == control.to_name]
+        if regions:
+            h, w = int(regions[0]["original_height"]), int(regions[0]["original_width"])
+        elif image_size is not None:
+            try:
+                h, w = image_size(task, url)
+            except Exception as e:  # noqa: BLE001 - one unreachable image must not stop the export
+                log.warning("task %s: no region and the image size is unknown (%s); skipped", task.get("id"), e)
+                unsized += 1
+                continue
+        else:
+            unsized += 1
+            continue
         segments = []
         for region in regions:
             labels = (region.get("value") or {}).get(control.tag.lower()) or []
@@ -275,21 +290,22 @@ def tasks_to_export(tasks: Sequence[dict[str, Any]], label_config: str, source: 
             mask = result_mask(region, h, w)
             if mask is not None and mask.any():
                 segments.append(Segment(mask, k, float(region.get("score", chosen[1])), is_thing[k]))
-        url = str((task.get("data") or {}).get(target.data_key, f"task_{task.get('id', i + 1)}"))
         images.append(ExportImage(int(task.get("id") or i + 1), file_name_of(url), h, w, segments))
-    if skipped:
-        log.warning("%d task(s) without %s regions on %s were skipped", skipped, source, control.name)
+    if unlabeled:
+        log.warning("%d task(s) without %s were skipped", unlabeled, source)
+    if unsized:
+        log.warning("%d task(s) with no region and no known image size were skipped", unsized)
     return images, categories_from_vocabulary(target.vocabulary)
 
 
 def export_tasks(tasks: Sequence[dict[str, Any]], label_config: str, out_dir: str | Path,
-                 formats: Sequence[str] = FORMATS, source: str = "predictions",
-                 model_version: str | None = None) -> list[Path]:
+                 formats: Sequence[str] = FORMATS, source: str = "predictions", model_version: str | None = None,
+                 image_size: Callable[[dict[str, Any], str], tuple[int, int]] | None = None) -> list[Path]:
     """Write the chosen COCO formats for Label Studio tasks into `out_dir`; returns the JSON paths."""
     bad = set(formats) - set(FORMATS)
     if bad:
         raise ValueError(f"unknown export format(s) {', '.join(sorted(bad))}; choose from {', '.join(FORMATS)}")
-    images, categories = tasks_to_export(tasks, label_config, source, model_version)
+    images, categories = tasks_to_export(tasks, label_config, source, model_version, image_size)
     out_dir = Path(out_dir)
     paths = []
     if "panoptic" in formats:
@@ -343,5 +359,9 @@ def run_command(args: Any) -> list[Path]:
         tasks = json.loads(Path(args.tasks).read_text())
         if isinstance(tasks, dict):
             tasks = [tasks]
+    from backend.tasks import ImageFetcher
+
+    fetcher = ImageFetcher(args.label_studio_url, args.api_key, cache_size=0)
     formats = FORMATS if args.format == "both" else (args.format,)
-    return export_tasks(tasks, xml, args.out, formats=formats, source=args.source, model_version=args.model_version)
+    return export_tasks(tasks, xml, args.out, formats=formats, source=args.source, model_version=args.model_version,
+                        image_size=lambda task, url: fetcher.fetch(url, task_id=task.get("id")).shape[:2])

@@ -176,3 +176,18 @@ def test_label_studio_polygon_predictions_export_close_and_empty_tasks_are_skipp
             assert iou > 0.8, (seg.class_index, iou)
     with pytest.raises(ValueError, match="only RectangleLabels"):
         tasks_to_export(_ls_tasks("rectangle")[0], _ls_tasks("rectangle")[2])
+
+
+def test_tasks_with_an_empty_prediction_need_the_image_size():
+    from backend.exports import tasks_to_export
+
+    tasks, images, xml = _ls_tasks("brush")
+    tasks[0]["predictions"][1]["result"] = []
+    without, _ = tasks_to_export(tasks, xml, model_version="v1")
+    assert [im.id for im in without] == [t["id"] for t in tasks[1:]]
+    sizes = []
+    with_size, _ = tasks_to_export(tasks, xml, model_version="v1",
+                                   image_size=lambda task, url: sizes.append(url) or (96, 128))
+    assert sizes == [tasks[0]["data"]["image"]]
+    assert [im.id for im in with_size] == [t["id"] for t in tasks]
+    assert (with_size[0].height, with_size[0].width, with_size[0].segments) == (96, 128, [])
