@@ -197,11 +197,14 @@ class TrainSample:
 
 
 TRAINABLE_PARTS = ("pixel_decoder", "predictor", "category_head")
+OPTIONAL_PARTS = ("feature_projections",)
 
 
 @dataclass
 class FinetuneOptions:
-    """Fine-tune settings. `trainable` names head parts: pixel_decoder, predictor, category_head.
+    """Fine-tune settings. `trainable` names parts: pixel_decoder, predictor, category_head, and
+    optionally feature_projections (the bottleneck fusion; then the raw diffusion features of a view
+    are cached instead of the fused ones, about 4x more memory, and `crop` must equal the window).
 
     Each image gets `views_per_image` augmented views (view 0 unaugmented; others random flip and
     scale jitter, then a random `crop`-sized window); their diffusion features are computed once
@@ -248,10 +251,12 @@ def _trainable_modules(model: "ODISE", parts: tuple[str, ...]) -> dict[str, nn.M
         "pixel_decoder": model.sem_seg_head.pixel_decoder,
         "predictor": model.sem_seg_head.predictor,
         "category_head": model.category_head,
+        "feature_projections": model.backbone.feature_projections,
     }
     unknown = [p for p in parts if p not in available]
     if unknown or not parts:
-        raise ValueError(f"trainable parts must be a non-empty subset of {TRAINABLE_PARTS}, got {parts}")
+        raise ValueError(f"trainable parts must be a non-empty subset of {TRAINABLE_PARTS + OPTIONAL_PARTS}, "
+                         f"got {parts}")
     return {p: available[p] for p in parts}
 
 
@@ -300,7 +305,7 @@ def render_view(sample: TrainSample, plan: ViewPlan, crop: int) -> tuple[torch.T
 def finetune(model: "ODISE", samples: list[TrainSample], options: FinetuneOptions,
              progress: Callable[[int, int, float], None] | None = None,
              should_stop: Callable[[], bool] | None = None, *, vocab: "Vocabulary",
-             feature_cache: dict[Any, dict[str, torch.Tensor]] | None = None) -> FinetuneResult:
+             feature_cache: dict[Any, dict[Any, torch.Tensor]] | None = None) -> FinetuneResult:
     """Fine-tune the chosen head parts of `model` on `samples` whose class indices refer to `vocab`.
 
     AdamW with linear warmup then cosine decay to 10 %; deterministic for a given seed on CPU.
@@ -324,6 +329,9 @@ def finetune(model: "ODISE", samples: list[TrainSample], options: FinetuneOption
     cfg = model.cfg.backbone
     crop = options.crop or cfg.window
     modules = _trainable_modules(model, tuple(options.trainable))
+    raw = "feature_projections" in modules
+    if raw and crop != cfg.window:
+        raise ValueError(f"training feature_projections needs crop == window ({cfg.window}), got {crop}")
 
     torch.manual_seed(options.seed)
     rng = np.random.default_rng(options.seed)
@@ -367,15 +375,23 @@ def finetune(model: "ODISE", samples: list[TrainSample], options: FinetuneOption
     store = torch.float16 if options.cache_half else torch.float32
     seconds_features = 0.0
 
-    def get_view(i: int, v: int) -> tuple[dict[str, torch.Tensor], Target]:
+    def backbone_features(image01: torch.Tensor) -> dict[str, torch.Tensor] | list[torch.Tensor]:
+        """Fused features, or with trainable projections the raw diffusion features of the window."""
+        if not raw:
+            return model.extract_features(image01)
+        with torch.no_grad():
+            return model.backbone.feature_extractor(image01, model.clip.encode_image(image01))
+
+    def get_view(i: int, v: int) -> tuple[Any, Target]:
         nonlocal seconds_features
-        key = (digests[i], plans[i][v], crop, store)
+        key = (digests[i], plans[i][v], crop, store, raw)
         if (i, v) not in rendered or key not in cache:
             image01, rendered[(i, v)] = render_view(samples[i], plans[i][v], crop)
             if key not in cache:
                 t0 = time.perf_counter()
-                feats = model.extract_features(image01.to(device))
-                cache[key] = {k: f.detach().to("cpu", store) for k, f in feats.items()}
+                feats = backbone_features(image01.to(device))
+                items = feats.items() if isinstance(feats, dict) else enumerate(feats)
+                cache[key] = {k: f.detach().to("cpu", store) for k, f in items}
                 seconds_features += time.perf_counter() - t0
         return cache[key], rendered[(i, v)]
 
@@ -393,6 +409,8 @@ def finetune(model: "ODISE", samples: list[TrainSample], options: FinetuneOption
         batch = [get_view(i, v) for i, v in picks]
         t0 = time.perf_counter()
         features = {k: torch.cat([f[k] for f, _ in batch]).to(device, torch.float32) for k in batch[0][0]}
+        if raw:
+            features = model.backbone.fuse([features[k] for k in sorted(features)], crop)
         targets = [{"labels": t["labels"].to(device), "masks": t["masks"].to(device)} for _, t in batch]
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)

@@ -202,3 +202,17 @@ def test_finetune_rejects_bad_samples(tiny_setup):
         finetune(build(), [bad], _options(), vocab=vocab)
     with pytest.raises(ValueError, match="trainable parts"):
         finetune(build(), samples, _options(trainable=("backbone",)), vocab=vocab)
+
+
+def test_finetune_can_train_feature_projections(tiny_setup):
+    from odise_core.training import finetune
+    build, samples, vocab, cache = tiny_setup
+    model = build()
+    proj = {k: v.clone() for k, v in model.backbone.feature_projections.state_dict().items()}
+    captioner = {k: v.clone() for k, v in model.backbone.feature_extractor.state_dict().items()}
+    result = finetune(model, samples, _options(steps=3, trainable=("feature_projections", "predictor")),
+                      vocab=vocab, feature_cache=cache)
+    assert len(result.losses) == 3 and all(np.isfinite(result.losses))
+    after = model.backbone.feature_projections.state_dict()
+    assert sum(not torch.equal(after[k], v) for k, v in proj.items()) > len(proj) // 2
+    assert all(torch.equal(model.backbone.feature_extractor.state_dict()[k], v) for k, v in captioner.items())
