@@ -41,7 +41,6 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the Label Studio ML backend (HTTP); connect it in Settings > Model")
     p.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"), help="bind address (env HOST)")
     p.add_argument("--port", type=int, default=int(os.environ.get("PORT", "9090")), help="port (env PORT)")
-    p.add_argument("--threads", type=int, default=8, help="request threads")
     p.add_argument("--model-dir", default=os.environ.get("MODEL_DIR"),
                    help="fine-tuned model versions (env MODEL_DIR)")
     p.add_argument("--label-studio-url", default=os.environ.get("LABEL_STUDIO_URL"),
@@ -63,7 +62,8 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     if args.weights_dir:
         os.environ["ODISE_WEIGHTS_DIR"] = args.weights_dir
-    settings = BackendSettings.from_env(preset=args.preset, device=args.device, label_studio_url=args.label_studio_url,
+    settings = BackendSettings.from_env(preset=args.preset, device=args.device, fast=args.fast or None,
+                                        label_studio_url=args.label_studio_url,
                                         api_key=args.api_key, model_dir=Path(args.model_dir) if args.model_dir else None)
     backend = ODISEBackend(settings)
     backend.start_loading(background=True)

@@ -4,6 +4,7 @@
 |---|---|---|
 | PRESET | odise-label-coco | model preset (odise-label-coco, odise-caption-coco, tiny) |
 | DEVICE | auto | cpu, cuda, cuda:N, mps or auto |
+| FAST | false | process at the window size (one crop instead of four); part of the model version |
 | MODEL_DIR | ~/.cache/odise-label-studio/backend | fine-tuned versions per project (jobs.py) |
 | ODISE_WEIGHTS_DIR | ~/.cache/odise-label-studio | SD / CLIP / ODISE weights |
 | LABEL_STUDIO_URL | (from /setup) | Label Studio address for uploaded files and training data |
@@ -53,6 +54,7 @@ class BackendSettings:
 
     preset: str = "odise-label-coco"
     device: str = "auto"
+    fast: bool = False
     model_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "odise-label-studio" / "backend")
     label_studio_url: str | None = None
     api_key: str | None = None
@@ -76,6 +78,7 @@ class BackendSettings:
         settings = cls(
             preset=env.get("PRESET", defaults.preset),
             device=env.get("DEVICE", defaults.device),
+            fast=_env_bool(env, "FAST", defaults.fast),
             model_dir=Path(env["MODEL_DIR"]) if env.get("MODEL_DIR") else defaults.model_dir,
             label_studio_url=env.get("LABEL_STUDIO_URL") or env.get("LABEL_STUDIO_HOST") or None,
             api_key=env.get("LABEL_STUDIO_API_KEY") or env.get("LABEL_STUDIO_ACCESS_TOKEN") or None,
@@ -122,7 +125,7 @@ def _default_factory(settings: BackendSettings) -> Any:
     from odise_core.config import get_config
     from odise_core.model import ODISE
 
-    return ODISE.from_config(get_config(settings.preset), device=settings.device)
+    return ODISE.from_config(get_config(settings.preset, fast=settings.fast), device=settings.device)
 
 
 def project_id_of(project: Any) -> str | None:
@@ -179,7 +182,8 @@ class ODISEBackend:
             digest = weights_digest(model)
             with self._lock:
                 self.model = model
-                self.base_version = f"odise-{self.settings.preset}-{digest}"
+                fast = "-fast" if self.settings.fast else ""
+                self.base_version = f"odise-{self.settings.preset}{fast}-{digest}"
                 self.state = ModelState.READY
             self.load_seconds = time.time() - self._load_started
             log.info("model %s ready in %.1f s", self.base_version, self.load_seconds)
