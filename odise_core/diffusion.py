@@ -6,6 +6,7 @@ so the UNet's last resnet/attention/output conv and the VAE decoder's high-resol
 """
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -94,12 +95,16 @@ class DiffusionFeatureExtractor(nn.Module):
     def _attach_hooks(self, captured: dict[int, torch.Tensor], time_cond: torch.Tensor) -> list[Any]:
         """Hooks for one forward: capture block inputs (stopping networks early) and offset the time embedding.
 
-        Registered per call, so copies of this module never share capture state."""
+        Registered per call and acting only in the calling thread, so copies of this module and
+        concurrent forwards never see each other's tensors."""
+        owner = threading.get_ident()
         handles = []
         for index, spec in enumerate(self.specs):
             stop = not self.full_networks and spec.source in STOPPABLE and self._last_index[spec.source] == index
 
             def hook(module: nn.Module, args: tuple, kwargs: dict, index: int = index, stop: bool = stop) -> None:
+                if threading.get_ident() != owner:
+                    return
                 captured[index] = args[0] if args else next(iter(kwargs.values()))
                 if stop:
                     raise _StopNetwork
@@ -108,7 +113,7 @@ class DiffusionFeatureExtractor(nn.Module):
             handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
 
         def add_time_cond(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            return output + time_cond.to(output.dtype)
+            return output + time_cond.to(output.dtype) if threading.get_ident() == owner else output
 
         handles.append(self.unet.time_embedding.register_forward_hook(add_time_cond))
         return handles

@@ -181,3 +181,25 @@ def test_channels_last_gives_the_same_features(cfg, crops):
         got = fast(crops[:1], _embed(1))
     for a, b in zip(expected, got):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_concurrent_forwards_do_not_mix(extractor, crops):
+    import threading
+
+    with torch.inference_mode():
+        expected = [extractor(crops[i : i + 1], _embed(1)) for i in range(2)]
+    results: dict[int, list[torch.Tensor]] = {}
+
+    def run(i: int) -> None:
+        with torch.inference_mode():
+            for _ in range(3):
+                results[i] = extractor(crops[i : i + 1], _embed(1))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(2):
+        for a, b in zip(results[i], expected[i]):
+            torch.testing.assert_close(a, b)
