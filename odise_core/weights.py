@@ -124,11 +124,12 @@ def _looks_like_path(s: str) -> bool:
     return s.startswith(("/", ".", "~")) or s.endswith((".ckpt", ".safetensors", ".pt", ".pth", ".bin"))
 
 
-def _hf_cached(repo_id: str, filename: str) -> bool:
+def _hf_cached(repo_id: str, filename: str, cache_dir: Path | None = None) -> bool:
+    """Whether the file is in the default Hugging Face cache (or in `cache_dir`)."""
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(repo_id, filename)
-    return isinstance(found, str)
+    dirs = [None] + ([str(cache_dir)] if cache_dir is not None else [])
+    return any(isinstance(try_to_load_from_cache(repo_id, filename, cache_dir=d), str) for d in dirs)
 
 
 # ---------------------------------------------------------------------------------------- SD
@@ -364,7 +365,8 @@ def resolve_clip_source(cfg: ClipConfig) -> tuple[str, str]:
     hub = (pcfg.get("hf_hub") or "").strip("/")
     if hub:
         looked.append(f"Hugging Face cache for {hub}")
-        if any(_hf_cached(hub, f) for f in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")):
+        files = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+        if any(_hf_cached(hub, f, weights_dir() / "clip") for f in files):
             return "tag", source
     url = pcfg.get("url") or ""
     hosts = [HF_HOST] if hub else []

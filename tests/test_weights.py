@@ -233,3 +233,18 @@ def test_url_checkpoint_offline_and_cached(tmp_path):
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"x")
     assert fetch_checkpoint(url) == cached
+
+
+def test_clip_found_in_local_file_or_hub_cache_under_weights_dir():
+    cfg = get_config("odise-label-coco").clip
+    with pytest.raises(WeightsMissingError, match="ViT-L-14-336px.pt"):
+        weights.resolve_clip_source(cfg)
+    repo = weights_dir() / "clip" / "models--timm--vit_large_patch14_clip_336.openai"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "open_clip_model.safetensors").write_bytes(b"")
+    assert weights.resolve_clip_source(cfg) == ("tag", "openai")
+    local = weights_dir() / "clip" / "ViT-L-14-336px.pt"
+    local.write_bytes(b"")
+    assert weights.resolve_clip_source(cfg) == ("file", str(local))
