@@ -225,7 +225,6 @@ class FinetuneOptions:
     scale_jitter: tuple[float, float] = (0.8, 1.25)
     views_per_image: int = 4
     cache_half: bool = True
-    num_points: int = 12544  # sampled points per mask for matching and mask losses
     seed: int = 0
     device: str | None = None  # None: the model's device
     num_points: int = 12544  # points per mask in the matcher and the mask losses (the reference's 112*112)
