@@ -60,6 +60,8 @@ class ODISE(nn.Module):
         self.sem_seg_head = SemSegHead(cfg, self.backbone.out_channels, self.backbone.out_strides)
         self.category_head = CategoryHead(cfg.head, clip_dim=cfg.clip.embed_dim)
         self.criterion = SetCriterion(COCO_TRAIN_CLASSES) if cfg.head.kind == "label" else None
+        # class names a fine-tune trained on: ensembled like COCO's "seen in training" classes (alpha)
+        self.trained_classes: set[str] = set()
         self.text_cache = text_cache or TextEmbeddingCache(weights.weights_dir() / "text_embeddings")
         self.version = "random" if cfg.checkpoint is None else Path(str(cfg.checkpoint)).stem
         for p in self.clip.parameters():
@@ -183,7 +185,8 @@ class ODISE(nn.Module):
             clip_logits = self.classify_with_clip(image01, masks, vocab)
             timings["clip_classifier"] = time.perf_counter() - t
 
-        probs = geometric_ensemble(out["pred_logits"].float(), clip_logits.float(), is_base(vocab).to(self.device),
+        seen = is_base(vocab) | torch.tensor([n in self.trained_classes for n in vocab.names], dtype=torch.bool)
+        probs = geometric_ensemble(out["pred_logits"].float(), clip_logits.float(), seen.to(self.device),
                                    self.cfg.head.alpha, self.cfg.head.beta)[0]
         mask_logits = masks[0]
         t = time.perf_counter()
