@@ -73,6 +73,7 @@ def geometric_ensemble(odise_logits: torch.Tensor, clip_logits: torch.Tensor, is
     p_null = odise_logits.softmax(-1)[..., -1:]
     log_p = odise_logits[..., :-1].log_softmax(-1)
     log_q = clip_logits.log_softmax(-1)
-    w = torch.where(is_base.to(log_p.device).bool(), torch.tensor(alpha), torch.tensor(beta)).to(log_p)
+    base = is_base.to(device=log_p.device, dtype=log_p.dtype)
+    w = base * alpha + (1 - base) * beta
     mixed = ((1 - w) * log_p + w * log_q).softmax(-1)
     return torch.cat([mixed * (1 - p_null), p_null], dim=-1)
