@@ -13,12 +13,14 @@ import logging
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 from urllib.parse import quote
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +77,8 @@ def run_overlapped(items: Sequence[T], fetch: Callable[[T], Any], compute: Calla
     ahead = max(1, min(prefetch, MAX_PREFETCH))
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="prefetch") as pool, \
-            tqdm(total=len(items), desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
+            tqdm(total=len(items), desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar, \
+            (logging_redirect_tqdm() if progress else nullcontext()):
         pending: deque[tuple[T, Future]] = deque()
         queue = iter(items)
 
@@ -294,6 +297,8 @@ def run_command(args: Any) -> PrelabelSummary:
 
     if args.weights_dir:
         os.environ["ODISE_WEIGHTS_DIR"] = args.weights_dir
+    if not getattr(args, "verbose", False):
+        logging.getLogger("backend.model").setLevel(logging.WARNING)  # one line per task would bury the bar
     if args.project is not None and not (args.label_studio_url and args.api_key):
         raise ValueError("--project needs --label-studio-url and --api-key "
                          "(or LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)")
