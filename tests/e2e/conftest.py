@@ -3,12 +3,19 @@
 Label Studio is looked up at <repo>/.venv-ls/bin/label-studio, then $LABEL_STUDIO_BIN, then
 /work/venvs/ls/bin/label-studio. When none exists the e2e tests are skipped, except under CI=true
 where that is a failure. Both servers stop at the end of the session.
+
+Label Studio's database migrations take most of its startup time, so the first session saves the
+freshly migrated database (with the test user) under $ODISE_E2E_CACHE (default
+~/.cache/odise-label-studio/e2e), keyed by the Label Studio install; later sessions start from a copy.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import threading
 import time
@@ -59,6 +66,26 @@ def _wait_http(url: str, proc: subprocess.Popen | None, log: Path | None, timeou
     pytest.fail(f"{url} did not answer within {timeout:.0f} s")
 
 
+def _template_path(binary: Path) -> Path:
+    """Where the migrated database of this Label Studio install is cached."""
+    cache = Path(os.environ.get("ODISE_E2E_CACHE") or Path.home() / ".cache" / "odise-label-studio" / "e2e")
+    key = hashlib.sha1(f"{binary.resolve()}:{binary.stat().st_mtime_ns}:{EMAIL}:{LEGACY_TOKEN}".encode())
+    return cache / f"label-studio-{key.hexdigest()[:12]}.sqlite3"
+
+
+def _save_template(db: Path, template: Path) -> None:
+    """Consistent copy of the live database (sqlite backup API), renamed into place atomically."""
+    template.parent.mkdir(parents=True, exist_ok=True)
+    tmp = template.with_suffix(f".tmp{os.getpid()}")
+    src, dst = sqlite3.connect(db), sqlite3.connect(tmp)
+    try:
+        src.backup(dst)
+    finally:
+        src.close()
+        dst.close()
+    os.replace(tmp, template)
+
+
 @dataclass
 class LabelStudioServer:
     url: str
@@ -82,6 +109,9 @@ def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStud
             pytest.fail(message)
         pytest.skip(message)
     data_dir = tmp_path_factory.mktemp("label-studio")
+    template = _template_path(binary)
+    if template.is_file():
+        shutil.copyfile(template, data_dir / "label_studio.sqlite3")
     port = free_port()
     env = {
         **os.environ,
@@ -109,6 +139,8 @@ def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStud
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_http(f"{url}/health", proc, log, STARTUP_TIMEOUT)
+        if not template.is_file():
+            _save_template(data_dir / "label_studio.sqlite3", template)
         r = requests.post(f"{url}/api/token/", headers={"Authorization": f"Token {LEGACY_TOKEN}"}, timeout=30)
         assert r.status_code in (200, 201), f"creating a personal access token failed: {r.status_code} {r.text}"
         yield LabelStudioServer(url=url, legacy_token=LEGACY_TOKEN, personal_token=r.json()["token"],

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import requests
 import skimage.data
+from label_studio_sdk.label_interface import LabelInterface
 from PIL import Image
 
 from backend.label_config import make_label_config
@@ -81,7 +82,9 @@ def test_polygon_predictions_through_label_studio(label_studio: Any,
     # The task whose image cannot be downloaded gets no prediction; the others are stored.
     assert {p["task"] for p in predictions} == good
     log.info("stored prediction example: %s", json.dumps(predictions[0])[:3000])
+    interface = LabelInterface(make_label_config(VOCAB, kind="polygon"))
     for pred in predictions:
+        assert interface.validate_prediction(pred, return_errors=True) == []
         h, w = sizes[pred["task"]]
         assert pred["model_version"] == backend_server.backend.base_version
         assert 0.0 <= pred["score"] <= 1.0
@@ -104,7 +107,9 @@ def test_brush_predictions_through_label_studio(label_studio: Any,
     pid, sizes = _project_with_tasks(label_studio, "brush", broken_task=False)
     predictions = _connect_and_predict(label_studio, backend_server, pid)
     assert {p["task"] for p in predictions} == set(sizes)
+    interface = LabelInterface(make_label_config(VOCAB, kind="brush"))
     for pred in predictions:
+        assert interface.validate_prediction(pred, return_errors=True) == []
         h, w = sizes[pred["task"]]
         assert pred["result"]
         covered = np.zeros((h, w), bool)
