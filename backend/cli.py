@@ -53,6 +53,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 def _run_serve(args: argparse.Namespace) -> int:
     import os
+    import signal
     from pathlib import Path
 
     from werkzeug.serving import make_server
@@ -69,6 +70,11 @@ def _run_serve(args: argparse.Namespace) -> int:
     backend.start_loading(background=True)
     server = make_server(args.host, args.port, create_app(backend), threaded=True)
     logging.getLogger("odise-ls").info("ODISE ML backend (%s) on http://%s:%d", args.preset, args.host, server.port)
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # `docker stop` sends SIGTERM: stop serving and cancel training jobs cleanly
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
