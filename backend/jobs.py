@@ -444,10 +444,13 @@ class JobManager:
         return self.store.current(project)
 
     def load_version(self, model: Any, project: str | int, version: str | None = None) -> str | None:
-        """Load the trainable weights of `version` (default: the promoted one) into `model`; returns it."""
+        """Load `version` (default: the promoted one) into `model`: its trainable weights and the class
+        names it was trained on (`model.trained_classes`). Returns the version, None for the base model."""
         version = version or self.store.current(project)
         if version is not None:
             model.load_trainable_state_dict(self.store.load_state_dict(project, version))
+            if hasattr(model, "trained_classes"):
+                model.trained_classes = set(self.store.metadata(project, version).get("trained_classes") or ())
         return version
 
     def shutdown(self, timeout: float | None = None) -> None:
@@ -499,8 +502,14 @@ class JobManager:
             t0 = time.perf_counter()
             candidate = clone_for_training(model)
             self._lock_feature_extraction(candidate)
-            self.finetune_fn(candidate, data, vocab, job)
+            try:
+                self.finetune_fn(candidate, data, vocab, job)
+            finally:  # evaluation below holds the lock around whole passes itself
+                vars(candidate).pop("extract_features", None)
             self._check(job)
+            trained = sorted(set(getattr(model, "trained_classes", set())) | set(vocab.names))
+            if hasattr(candidate, "trained_classes"):
+                candidate.trained_classes = set(trained)
             train_seconds = time.perf_counter() - t0
             job.state = "evaluating"
             after = evaluate_model(candidate, data.holdout, vocab, self.model_lock) if data.holdout else None
@@ -517,6 +526,7 @@ class JobManager:
                 "base_preset": self.base_preset or getattr(getattr(model, "cfg", None), "name", None),
                 "parent_version": parent,
                 "vocabulary": list(vocab.names), "is_thing": [bool(t) for t in vocab.is_thing],
+                "trained_classes": trained,
                 "data": {"train": len(data.train), "holdout": len(data.holdout),
                          "train_task_ids": data.train_task_ids, "holdout_task_ids": data.holdout_task_ids,
                          "skipped": dict(data.skipped)},

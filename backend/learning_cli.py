@@ -127,6 +127,7 @@ def _use_version(model: Any, store: Any, key: str, version: str) -> str:
     if name is None:
         return "base"
     model.load_trainable_state_dict(store.load_state_dict(key, name))
+    model.trained_classes = set(store.metadata(key, name).get("trained_classes") or ())
     return name
 
 

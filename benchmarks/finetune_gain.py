@@ -10,7 +10,8 @@ held-out scenes; PQ (things/stuff), mask AP and mIoU are printed before and afte
 
 Scenes are generated at --image-size and the preset's shortest-edge resize is set to the same
 size, so one 128 px sliding window covers a whole scene (the tiny preset would otherwise upsample
-to 256 px and run four windows per image).
+to 256 px and run four windows per image). After a fine-tune the scene classes count as "seen in
+training" for the CLIP ensemble (alpha instead of beta), as for a project's fine-tuned versions.
 """
 from __future__ import annotations
 
@@ -88,6 +89,7 @@ def main() -> None:
         t0 = time.perf_counter()
         res = finetune(candidate, samples(train_scenes[:n]), opts, vocab=vocab)
         total = time.perf_counter() - t0
+        candidate.trained_classes = set(vocab.names)  # as jobs.py does after a fine-tune
         after = evaluate_model(candidate, held, vocab)
         feat_per_view = res.seconds_features / (n * args.views) if n else 0.0
         print(f"N={n:4d}: features {res.seconds_features:6.1f} s ({feat_per_view:.2f} s per image view), "

@@ -41,6 +41,7 @@ class FakeModel(nn.Module):
         self.frozen.requires_grad_(False)
         self.quality = nn.Parameter(torch.tensor(0.0))
         self.cfg = SimpleNamespace(name="fake-preset")
+        self.trained_classes: set[str] = set()
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {"quality": self.quality.detach().clone()}
@@ -48,7 +49,12 @@ class FakeModel(nn.Module):
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.quality.data.copy_(state["quality"])
 
+    def extract_features(self, image: np.ndarray) -> dict:
+        """Like ODISE: prediction and training both run the (shared) backbone through this."""
+        return {}
+
     def predict_raw(self, image: np.ndarray, vocab, mode: str = "panoptic") -> RawPrediction:
+        self.extract_features(image)
         bright = image[..., 0] > 100
         everything = np.ones_like(bright)
         if self.quality.item() >= 1.0:
@@ -90,6 +96,7 @@ def set_quality(value: float, steps: int = 3, delay: float = 0.0, fail_at: int |
             if fail_at == step:
                 raise RuntimeError("simulated crash inside training")
             time.sleep(delay)
+            model.extract_features(data.train[0].image)
             job.step, job.total_steps, job.loss = step, steps, 1.0 / step
         model.quality.data.fill_(value)
     return finetune
@@ -146,6 +153,8 @@ def test_better_model_is_promoted_with_metadata(tmp_path):
     assert meta["eval"]["holdout_after"]["mask_ap"] == pytest.approx(100.0)
     reloaded = FakeModel()
     assert m.load_version(reloaded, "7") == "v0001" and reloaded.quality.item() == 1.0
+    assert meta["trained_classes"] == ["floor", "square"] and reloaded.trained_classes == {"floor", "square"}
+    assert serving.trained_classes == set()
     status = m.status("7")
     assert status["current_version"] == "v0001" and status["job"]["state"] == "done"
     assert status["job"]["progress"] == 1.0 and status["job"]["metrics"]["holdout_after"]["pq"] == 100.0
@@ -332,5 +341,6 @@ def test_jobs_hold_the_shared_model_lock_for_forward_passes(tmp_path):
     with m.model_lock:  # the server is busy with a forward pass
         job = m.submit("7", fetch_fn(), FakeModel(), VOCAB)
         time.sleep(0.5)
-        assert job.state == "evaluating" and not job.wait(0)
+        # the fine-tune's backbone pass waits for the lock
+        assert job.state == "training" and job.step == 0 and not job.wait(0)
     assert job.wait(10) and job.state == "done"

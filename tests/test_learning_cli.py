@@ -1,0 +1,81 @@
+"""`odise-ls train / evaluate / models / rank` on a COCO-format folder of generated scenes (tiny preset)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from backend.cli import main
+from backend.jobs import VersionStore
+from odise_core.geometry import coco_rle_encode
+from odise_core.synthetic import CLASS_NAMES, IS_THING, make_dataset
+
+
+@pytest.fixture(scope="module")
+def coco_dir(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("coco")
+    (root / "images").mkdir()
+    images, anns = [], []
+    for i, s in enumerate(make_dataset(4, seed=3, size=64)):
+        Image.fromarray(s.image).save(root / "images" / f"{i}.png")
+        images.append({"id": i + 1, "file_name": f"images/{i}.png", "height": 64, "width": 64})
+        for m, c in zip(s.masks, s.classes):
+            rle = coco_rle_encode(m)
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": int(c) + 1, "iscrowd": 0,
+                         "segmentation": rle, "area": int(m.sum())})
+    cats = [{"id": k + 1, "name": n, "isthing": int(t)} for k, (n, t) in enumerate(zip(CLASS_NAMES, IS_THING))]
+    (root / "result.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    return root
+
+
+def test_train_then_models_then_evaluate(coco_dir, tmp_path, capsys):
+    models = tmp_path / "models"
+    common = ["--coco", str(coco_dir), "--key", "syn", "--model-dir", str(models), "--preset", "tiny",
+              "--device", "cpu"]
+    assert main(["train", *common, "--steps", "2", "--holdout", "0.25"]) == 0
+    out = capsys.readouterr().out
+    job = json.loads(out[out.index("{"):])
+    assert job["state"] == "done" and job["version"] == "v0001" and job["step"] == 2
+    store = VersionStore(models)
+    meta = store.metadata("syn", "v0001")
+    assert meta["data"]["train"] + meta["data"]["holdout"] == 4 and meta["data"]["holdout"] == 1
+    assert meta["base_preset"] == "tiny" and meta["vocabulary"] == list(CLASS_NAMES)
+
+    assert main(["models", "syn", "--model-dir", str(models), "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert [v["version"] for v in listing["versions"]] == ["v0001"]
+    assert listing["current"] == ("v0001" if job["promoted"] else None)
+
+    assert main(["models", "syn", "--model-dir", str(models), "--rollback", "v0001"]) == 0
+    assert store.current("syn") == "v0001"
+    assert "* v0001" in capsys.readouterr().out
+    assert main(["models", "syn", "--model-dir", str(models), "--rollback", "base"]) == 0
+    assert store.current("syn") is None
+
+    report = tmp_path / "eval.json"
+    assert main(["evaluate", *common, "--version", "v0001", "--json", str(report)]) == 0
+    figures = json.loads(report.read_text())
+    assert figures["version"] == "v0001" and figures["num_images"] == 4
+    assert 0.0 <= figures["pq"] <= 100.0 and 0.0 <= figures["miou"] <= 100.0
+    assert "PQ" in capsys.readouterr().out
+
+
+def test_rank_images_most_uncertain_first(coco_dir, tmp_path, capsys):
+    paths = [str(p) for p in sorted((coco_dir / "images").glob("*.png"))]
+    labels = ",".join(CLASS_NAMES)
+    assert main(["rank", *paths, "--labels", labels, "--preset", "tiny", "--device", "cpu",
+                 "--model-dir", str(tmp_path)]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln and not ln.startswith("#")][1:]
+    scores = [float(ln.split()[1]) for ln in lines]
+    assert len(scores) == 4 and scores == sorted(scores)
+    assert {ln.split()[-1] for ln in lines} == set(paths)
+
+
+def test_models_errors_are_messages_not_tracebacks(tmp_path, capsys):
+    assert main(["models", "9", "--model-dir", str(tmp_path), "--rollback"]) == 2
+    assert "nothing to roll back" in capsys.readouterr().err
+    VersionStore(tmp_path).write("9", {"w": torch.zeros(1)}, {})
+    assert main(["models", "9", "--model-dir", str(tmp_path), "--rollback", "v0042"]) == 2
+    assert "no model version 'v0042'" in capsys.readouterr().err
