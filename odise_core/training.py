@@ -208,7 +208,8 @@ class FinetuneOptions:
 
     Each image gets `views_per_image` augmented views (view 0 unaugmented; others random flip and
     scale jitter, then a random `crop`-sized window); their diffusion features are computed once
-    and cached (as float16 when `cache_half`), so the frozen backbone never runs twice on a view.
+    and cached (as float16 when `cache_half`; a fused 512 view of the full preset takes about 22 MB),
+    so the frozen backbone runs once per view while the cache stays under `cache_limit_gb`.
     `grad_clip` is the max L2 norm of all trainable gradients together (the reference uses 0.01).
     """
 
@@ -225,6 +226,7 @@ class FinetuneOptions:
     scale_jitter: tuple[float, float] = (0.8, 1.25)
     views_per_image: int = 4
     cache_half: bool = True
+    cache_limit_gb: float = 8.0  # cached view features beyond this are evicted oldest-first (recomputed on reuse)
     seed: int = 0
     device: str | None = None  # None: the model's device
     num_points: int = 12544  # points per mask in the matcher and the mask losses (the reference's 112*112)
@@ -301,6 +303,19 @@ def render_view(sample: TrainSample, plan: ViewPlan, crop: int) -> tuple[torch.T
     return img, {"labels": labels, "masks": masks[keep]}
 
 
+def _nbytes(entry: dict[Any, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in entry.values())
+
+
+def _evict(cache: dict[Any, dict[Any, torch.Tensor]], budget: int) -> None:
+    """Drop the oldest cache entries until the cache holds at most `budget` bytes."""
+    total = sum(_nbytes(e) for e in cache.values())
+    for key in list(cache):
+        if total <= budget:
+            break
+        total -= _nbytes(cache.pop(key))
+
+
 def finetune(model: "ODISE", samples: list[TrainSample], options: FinetuneOptions,
              progress: Callable[[int, int, float], None] | None = None,
              should_stop: Callable[[], bool] | None = None, *, vocab: "Vocabulary",
@@ -372,6 +387,7 @@ def finetune(model: "ODISE", samples: list[TrainSample], options: FinetuneOption
     cache = feature_cache if feature_cache is not None else {}
     rendered: dict[tuple[int, int], Target] = {}
     store = torch.float16 if options.cache_half else torch.float32
+    limit_bytes = int(options.cache_limit_gb * 2**30)
     seconds_features = 0.0
 
     def backbone_features(image01: torch.Tensor) -> dict[str, torch.Tensor] | list[torch.Tensor]:
@@ -390,7 +406,9 @@ def finetune(model: "ODISE", samples: list[TrainSample], options: FinetuneOption
                 t0 = time.perf_counter()
                 feats = backbone_features(image01.to(device))
                 items = feats.items() if isinstance(feats, dict) else enumerate(feats)
-                cache[key] = {k: f.detach().to("cpu", store) for k, f in items}
+                entry = {k: f.detach().to("cpu", store) for k, f in items}
+                _evict(cache, limit_bytes - _nbytes(entry))
+                cache[key] = entry
                 seconds_features += time.perf_counter() - t0
         return cache[key], rendered[(i, v)]
 
@@ -399,38 +417,39 @@ def finetune(model: "ODISE", samples: list[TrainSample], options: FinetuneOption
     seconds_train = 0.0
     stopped = False
     total = options.steps
-    for step in range(total):
-        if should_stop is not None and should_stop():
-            stopped = True
-            log.info("fine-tune stopped at step %d/%d", step, total)
-            break
-        picks = [(int(rng.integers(len(samples))), int(rng.integers(views))) for _ in range(options.batch_size)]
-        batch = [get_view(i, v) for i, v in picks]
-        t0 = time.perf_counter()
-        features = {k: torch.cat([f[k] for f, _ in batch]).to(device, torch.float32) for k in batch[0][0]}
-        if raw:
-            features = model.backbone.fuse([features[k] for k in sorted(features)], crop)
-        targets = [{"labels": t["labels"].to(device), "masks": t["masks"].to(device)} for _, t in batch]
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
-        outputs = model.forward_heads(features, vocab)
-        loss_dict = criterion(outputs, targets, generator=gen)
-        loss = criterion.weighted_total(loss_dict)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if options.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, options.grad_clip)
-        optimizer.step()
-        seconds_train += time.perf_counter() - t0
-        losses.append(float(loss.detach()))
-        parts.append({k: float(loss_dict[k].detach()) for k in ("loss_ce", "loss_mask", "loss_dice")})
-        if progress is not None:
-            progress(step + 1, total, losses[-1])
-        if (step + 1) % 10 == 0 or step + 1 == total:
-            log.info("fine-tune step %d/%d loss %.4f", step + 1, total, losses[-1])
-
-    for p, flag in was_trainable.items():
-        p.requires_grad_(flag)
-    model.eval()
+    try:
+        for step in range(total):
+            if should_stop is not None and should_stop():
+                stopped = True
+                log.info("fine-tune stopped at step %d/%d", step, total)
+                break
+            picks = [(int(rng.integers(len(samples))), int(rng.integers(views))) for _ in range(options.batch_size)]
+            batch = [get_view(i, v) for i, v in picks]
+            t0 = time.perf_counter()
+            features = {k: torch.cat([f[k] for f, _ in batch]).to(device, torch.float32) for k in batch[0][0]}
+            if raw:
+                features = model.backbone.fuse([features[k] for k in sorted(features)], crop)
+            targets = [{"labels": t["labels"].to(device), "masks": t["masks"].to(device)} for _, t in batch]
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step)
+            outputs = model.forward_heads(features, vocab)
+            loss_dict = criterion(outputs, targets, generator=gen)
+            loss = criterion.weighted_total(loss_dict)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if options.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, options.grad_clip)
+            optimizer.step()
+            seconds_train += time.perf_counter() - t0
+            losses.append(float(loss.detach()))
+            parts.append({k: float(loss_dict[k].detach()) for k in ("loss_ce", "loss_mask", "loss_dice")})
+            if progress is not None:
+                progress(step + 1, total, losses[-1])
+            if (step + 1) % 10 == 0 or step + 1 == total:
+                log.info("fine-tune step %d/%d loss %.4f", step + 1, total, losses[-1])
+    finally:
+        for p, flag in was_trainable.items():
+            p.requires_grad_(flag)
+        model.eval()
     return FinetuneResult(losses=losses, steps=len(losses), stopped=stopped, seconds_features=seconds_features,
                           seconds_train=seconds_train, num_images=len(samples), loss_parts=parts)

@@ -216,3 +216,13 @@ def test_finetune_can_train_feature_projections(tiny_setup):
     after = model.backbone.feature_projections.state_dict()
     assert sum(not torch.equal(after[k], v) for k, v in proj.items()) > len(proj) // 2
     assert all(torch.equal(model.backbone.feature_extractor.state_dict()[k], v) for k, v in captioner.items())
+
+
+def test_feature_cache_limit_evicts_and_recomputes_identically(tiny_setup):
+    from odise_core.training import finetune
+    build, samples, vocab, cache = tiny_setup
+    reference = finetune(build(), samples, _options(steps=3), vocab=vocab, feature_cache=cache)
+    small: dict = {}
+    limited = finetune(build(), samples, _options(steps=3, cache_limit_gb=1e-9), vocab=vocab, feature_cache=small)
+    assert len(small) == 1  # every new view evicted the previous one
+    assert limited.losses == reference.losses
