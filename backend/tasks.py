@@ -88,11 +88,12 @@ class LabelStudioAuth:
 class ImageFetcher:
     """Fetch and decode task images with an in-memory LRU cache keyed by URL.
 
-    `max_bytes` caps downloads and files (checked before decoding); `timeout` is (connect, read) seconds.
+    `max_bytes` caps downloads and files (checked before decoding); `timeout` is (connect, read) seconds;
+    the cache holds at most `cache_size` decoded images and `cache_bytes` of pixels.
     """
 
     def __init__(self, ls_url: str | None = None, api_key: str | None = None, timeout: tuple[float, float] = (5, 30),
-                 max_bytes: int = 50 * 2 ** 20, cache_size: int = 32, allow_local_paths: bool = True):
+                 max_bytes: int = 50 * 2 ** 20, cache_size: int = 32, cache_bytes: int = 512 * 2 ** 20, allow_local_paths: bool = True):
         self.ls_url = ls_url.rstrip("/") if ls_url else None
         self.auth = LabelStudioAuth(self.ls_url, api_key) if (self.ls_url and api_key) else None
         self.timeout = timeout
@@ -100,6 +101,7 @@ class ImageFetcher:
         self.allow_local_paths = allow_local_paths
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_size = cache_size
+        self._cache_bytes = cache_bytes
         self._lock = threading.Lock()
         self.session = requests.Session()
         self.hits = 0
@@ -132,7 +134,8 @@ class ImageFetcher:
         with self._lock:
             self.misses += 1
             self._cache[key] = image
-            while len(self._cache) > self._cache_size:
+            while len(self._cache) > 1 and (len(self._cache) > self._cache_size or
+                                            sum(a.nbytes for a in self._cache.values()) > self._cache_bytes):
                 self._cache.popitem(last=False)
         return image
 

@@ -127,6 +127,17 @@ def test_http_download_is_cached_by_url(server: _Server) -> None:
     assert server.auth_seen[-1] == "", "no credentials are sent to other hosts"
 
 
+def test_cache_is_bounded_by_count_and_bytes(server: _Server) -> None:
+    by_count = ImageFetcher(cache_size=2)
+    by_bytes = ImageFetcher(cache_bytes=COFFEE.nbytes * 2 + 1)
+    for fetcher in (by_count, by_bytes):
+        for name in "abc":
+            fetcher.fetch(f"{server.url}/public/{name}.png")
+        fetcher.fetch(f"{server.url}/public/c.png")
+        fetcher.fetch(f"{server.url}/public/a.png")
+        assert (fetcher.hits, fetcher.misses) == (1, 4), "a was evicted, c was still cached"
+
+
 def test_label_studio_upload_with_legacy_token(server: _Server) -> None:
     fetcher = ImageFetcher(server.url, LEGACY)
     assert np.array_equal(fetcher.fetch("/data/upload/1/coffee.png"), COFFEE)
