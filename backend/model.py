@@ -18,6 +18,7 @@
 | IMAGE_TIMEOUT | 30 | seconds to download one image |
 | MAX_IMAGE_MB | 50 | largest image file accepted |
 | ALLOW_LOCAL_PATHS | true | accept task image values that are paths on the backend host |
+| BASIC_AUTH_USER / BASIC_AUTH_PASS | unset | require HTTP basic auth (set the same in Label Studio's model connection) |
 """
 from __future__ import annotations
 
