@@ -78,7 +78,7 @@ def main() -> None:
     eval_s = time.perf_counter() - t0
     print(f"tiny preset, random weights; {args.holdout} held-out scenes of {args.image_size} px; "
           f"model built in {build_s:.1f} s; held-out evaluation {eval_s:.1f} s "
-          f"({eval_s / args.holdout / 2:.2f} s per forward pass)")
+          f"({eval_s / args.holdout:.2f} s per image)")
     print(f"fine-tune: {args.steps} steps, batch {args.batch_size}, lr {args.lr}, views {args.views}, "
           f"{args.num_points} points, {torch.get_num_threads()} threads\n")
 
