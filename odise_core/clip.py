@@ -56,14 +56,15 @@ class ClipModel(nn.Module):
         """(B,3,H,W) in [0,1] -> (B,D) projected class token, not normalised."""
         return self.model.encode_image(self._to_clip_input(image01)).float()
 
-    def encode_text(self, texts: list[str]) -> torch.Tensor:
-        """Texts -> (N,D) L2-normalised embeddings."""
+    def encode_text(self, texts: list[str], normalize: bool = True) -> torch.Tensor:
+        """Texts -> (N,D) projected embeddings, L2-normalised unless `normalize` is False."""
         device = self.mean.device
         chunks = []
         for i in range(0, len(texts), TEXT_BATCH):
             tokens = self.tokenizer(texts[i : i + TEXT_BATCH]).to(device)
             chunks.append(self.model.encode_text(tokens).float())
-        return F.normalize(torch.cat(chunks), dim=-1)
+        embeds = torch.cat(chunks)
+        return F.normalize(embeds, dim=-1) if normalize else embeds
 
     def _patch_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Class + patch tokens after positional embedding and ln_pre: (B, 1+P, W)."""

@@ -206,6 +206,7 @@ class ODISE(nn.Module):
         if mode == "semantic":
             full = resize_mask_logits(mask_logits, prep.resized_size, prep.resized_size, prep.original_size)
             sem = semantic_inference(probs, full)
+            sem = sem / sem.sum(0, keepdim=True).clamp_min(1e-6)  # per-pixel class distribution: scores in [0,1]
             labels = sem.argmax(0).cpu().numpy()
             return [Segment(mask=labels == k, class_index=int(k), score=float(sem[k][labels == k].mean()),
                             is_thing=bool(vocab.is_thing[k])) for k in np.unique(labels)]

@@ -54,7 +54,7 @@ class ReferenceEquivalentODISE(ODISE):
         texts, syn_to_class = vocab.synonyms_flat()
         clip = self.mask_clip if prompt == self.cfg.head.clip_prompt else self.text_clip
         with torch.no_grad():
-            emb = clip.encode_text([prompt.format(t) for t in texts])
+            emb = clip.encode_text([prompt.format(t) for t in texts], normalize=False)
         return emb.to(self.device), syn_to_class.to(self.device)
 
     def extract_features(self, image01: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -160,7 +160,10 @@ def is_base(vocab: Vocabulary) -> torch.Tensor:
 
 
 class TextEmbeddingCache:
-    """L2-normalised CLIP text embeddings, cached in memory and on disk by model key, prompt and texts."""
+    """Raw (unnormalised) CLIP text embeddings, cached in memory and on disk by model key, prompt and texts.
+
+    Raw, because the category head projects the raw embeddings (as the reference does); consumers that
+    need cosine similarities normalise themselves."""
 
     def __init__(self, cache_dir: str | Path | None) -> None:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
@@ -171,7 +174,7 @@ class TextEmbeddingCache:
 
     @staticmethod
     def key(model_key: str, prompt: str, texts: Sequence[str]) -> str:
-        payload = json.dumps([model_key, prompt, list(texts)])
+        payload = json.dumps(["raw", model_key, prompt, list(texts)])
         return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
     def get(self, clip: "ClipModel", model_key: str, prompt: str, texts: list[str]) -> torch.Tensor:
@@ -187,7 +190,7 @@ class TextEmbeddingCache:
                 embeds = torch.load(path, map_location="cpu", weights_only=True)
                 self.disk_hits += 1
             else:
-                embeds = clip.encode_text([prompt.format(t) for t in texts]).float().cpu()
+                embeds = clip.encode_text([prompt.format(t) for t in texts], normalize=False).float().cpu()
                 self.misses += 1
                 if path is not None:
                     path.parent.mkdir(parents=True, exist_ok=True)

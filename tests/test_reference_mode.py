@@ -49,3 +49,13 @@ def test_same_segments_as_optimised(models):
             # batched vs one-at-a-time crops round differently: only pixels at the 0.5 boundary may flip
             assert np.count_nonzero(sa.mask != sb.mask) <= 1e-4 * sa.mask.size
             assert sa.score == pytest.approx(sb.score, rel=1e-4)
+
+
+def test_semantic_mode_scores_are_probabilities(models):
+    fast, _ = models
+    segments = fast.predict(skimage.data.coffee(), Vocabulary.from_text("cup,table,saucer"), mode="semantic")
+    union = np.zeros(segments[0].mask.shape, dtype=int)
+    for seg in segments:
+        assert 0.0 <= seg.score <= 1.0
+        union += seg.mask
+    assert (union == 1).all()  # semantic output partitions the image
