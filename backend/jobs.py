@@ -440,6 +440,11 @@ class JobManager:
     def job(self, project: str | int) -> Job | None:
         return self._jobs.get(str(project))
 
+    def find(self, job_id: str) -> Job | None:
+        """The latest job of any project with this id (older jobs are forgotten), or None."""
+        with self._lock:
+            return next((j for j in self._jobs.values() if j.id == job_id), None)
+
     def current_version(self, project: str | int) -> str | None:
         return self.store.current(project)
 

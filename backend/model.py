@@ -317,11 +317,8 @@ class ODISEBackend:
         return result
 
     def find_job(self, job_id: str) -> Any:
-        """The training job with this id (as returned by /webhook or /train), or None."""
-        with self._lock:
-            project = self._job_projects.get(job_id)
-        job = self.jobs.job(project) if project else None
-        return job if job is not None and job.id == job_id else None
+        """The training job with this id (as returned by /webhook, /train or the status payload), or None."""
+        return self.jobs.find(job_id)
 
     def _training_fetcher(self, project_id: int, target: ImageTarget) -> Callable[[float], Any]:
         from label_studio_sdk.client import LabelStudio

@@ -198,6 +198,7 @@ def test_newer_request_cancels_running_job(tmp_path):
     assert first.state == "cancelled" and first.version is None
     assert second.state == "done" and second.version == "v0001"
     assert m.status("7")["job"]["id"] == second.id
+    assert m.find(second.id) is second and m.find(first.id) is None  # only the latest job is kept
 
 
 def test_other_projects_train_independently(tmp_path):
