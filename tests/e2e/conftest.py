@@ -165,7 +165,9 @@ class BackendServer:
 def tiny_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackendServer]:
     """This backend with the tiny preset on 127.0.0.1; its model loads while Label Studio starts."""
     model_dir = tmp_path_factory.mktemp("models")
-    settings = BackendSettings.from_env({}, preset="tiny", device="cpu", model_dir=model_dir)
+    # Random tiny weights: the demo's overlap threshold (0.0) keeps every query's region, so there is
+    # always something to check.
+    settings = BackendSettings.from_env({}, preset="tiny", device="cpu", model_dir=model_dir, overlap_threshold=0.0)
     backend = ODISEBackend(settings)
     backend.start_loading(background=True)
     server = make_server("127.0.0.1", 0, create_app(backend), threaded=True)
