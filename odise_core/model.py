@@ -59,7 +59,8 @@ class ODISE(nn.Module):
         self.backbone = ODISEBackbone(cfg, clip, feature_extractor=extractor)
         self.sem_seg_head = SemSegHead(cfg, self.backbone.out_channels, self.backbone.out_strides)
         self.category_head = CategoryHead(cfg.head, clip_dim=cfg.clip.embed_dim)
-        self.criterion = SetCriterion(COCO_TRAIN_CLASSES) if cfg.head.kind == "label" else None
+        # The caption model classifies foreground/background only: its no-object weights have 2 entries.
+        self.criterion = SetCriterion(COCO_TRAIN_CLASSES if cfg.head.kind == "label" else 1)
         # class names a fine-tune trained on: ensembled like COCO's "seen in training" classes (alpha)
         self.trained_classes: set[str] = set()
         self.text_cache = text_cache or TextEmbeddingCache(weights.weights_dir() / "text_embeddings")

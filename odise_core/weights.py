@@ -456,13 +456,25 @@ def _download(url: str, dest: Path) -> None:
     tmp.replace(dest)
 
 
+# The caption model's checkpoint calls its category head "word_head".
+CHECKPOINT_RENAMES = {"word_head.": "category_head."}
+
+
+def _renamed(key: str) -> str:
+    for old, new in CHECKPOINT_RENAMES.items():
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
 def load_odise_checkpoint(model: nn.Module, url_or_path: str) -> None:
     """Load ckpt["model"] into `model.trainable_state_dict()` keys strictly (raise on any mismatch)."""
     path = fetch_checkpoint(url_or_path)
     raw = _torch_load(path)
     state = raw.get("model", raw) if isinstance(raw, dict) else raw
     ignored = [k for k in state if k.startswith(IGNORED_CHECKPOINT_PREFIXES)]
-    state = {k: torch.as_tensor(v) for k, v in state.items() if not k.startswith(IGNORED_CHECKPOINT_PREFIXES)}
+    state = {_renamed(k): torch.as_tensor(v) for k, v in state.items()
+             if not k.startswith(IGNORED_CHECKPOINT_PREFIXES)}
     expected = model.trainable_state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

@@ -248,3 +248,23 @@ def test_clip_found_in_local_file_or_hub_cache_under_weights_dir():
     local = weights_dir() / "clip" / "ViT-L-14-336px.pt"
     local.write_bytes(b"")
     assert weights.resolve_clip_source(cfg) == ("file", str(local))
+
+
+def test_caption_checkpoint_loads_strictly_with_its_word_head(tmp_path):
+    """The caption model's official layout: word_head.text_proj, a 2-way class_embed, empty_weight (2,)."""
+    from odise_core.config import HeadConfig, get_config
+    from odise_core.model import ODISE
+
+    cfg = get_config("tiny")
+    cfg.head = HeadConfig(kind="caption", label_prompt="a photo of a {}.", embed_dim=cfg.head.embed_dim)
+    model = ODISE.from_config(cfg, device="cpu")
+    state = model.trainable_state_dict()
+    assert tuple(state["criterion.empty_weight"].shape) == (2,)
+    assert tuple(state["sem_seg_head.predictor.class_embed.weight"].shape)[0] == 2
+    official = {("word_head." + k[len("category_head."):] if k.startswith("category_head.") else k): v + 1.0
+                for k, v in state.items()}
+    assert any(k.startswith("word_head.") for k in official)
+    path = tmp_path / "caption.pth"
+    torch.save({"model": official}, path)
+    weights.load_odise_checkpoint(model, str(path))
+    torch.testing.assert_close(model.category_head.text_proj.weight, official["word_head.text_proj.weight"])
