@@ -130,7 +130,7 @@ class ImageFetcher:
         except Image.DecompressionBombError as e:
             raise ImageFetchError(f"{_short(url)} has too many pixels: {e}") from e
         except (ValueError, OSError) as e:
-            raise ImageFetchError(f"{_short(url)} is not a readable image: {e}") from e
+            raise ImageFetchError(f"{_short(url)}: {e}") from e
         with self._lock:
             self.misses += 1
             self._cache[key] = image
@@ -153,7 +153,8 @@ class ImageFetcher:
             return self._download(self._ls_join(f"/tasks/{task_id}/presign/?fileuri={quote(encoded)}", url), True)
         if parsed.scheme == "file":
             return self._local(Path(unquote(parsed.path)))
-        if url.startswith(LS_PATH_PREFIXES):
+        # "/data/..." is a Label Studio route unless it names a file on this host (e.g. a Docker volume).
+        if url.startswith(LS_PATH_PREFIXES) and not (self.allow_local_paths and Path(url).is_file()):
             return self._download(self._ls_join(url, url), True)
         if parsed.scheme == "":
             return self._local(Path(url))

@@ -194,3 +194,24 @@ def test_decompression_bomb_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None
     uri = "data:image/png;base64," + base64.b64encode(COFFEE_PNG).decode()
     with pytest.raises(ImageFetchError, match="too many pixels"):
         ImageFetcher().fetch(uri)
+
+
+def test_absolute_local_path_under_data_is_read_from_disk(tmp_path, monkeypatch):
+    """A file that exists at /data/... on this host (a mounted volume) is read locally, not via Label Studio."""
+    from PIL import Image
+
+    from backend.tasks import ImageFetcher
+
+    image = tmp_path / "img.png"
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(image)
+    real_is_file = Path.is_file
+
+    def is_file(path: Path) -> bool:  # pretend /data/img.png exists on this host
+        return True if str(path) == "/data/img.png" else real_is_file(path)
+
+    monkeypatch.setattr(Path, "is_file", is_file)
+    fetcher = ImageFetcher(ls_url=None)
+    read: list[Path] = []
+    monkeypatch.setattr(fetcher, "_local", lambda p: read.append(p) or image.read_bytes())
+    assert fetcher.fetch("/data/img.png").shape == (8, 8, 3)
+    assert read == [Path("/data/img.png")]
