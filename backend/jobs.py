@@ -11,7 +11,8 @@ state, never a partial one; leftover temporary directories are removed on start.
 Jobs run in a thread (PyTorch releases the GIL, so predictions keep being served by the last
 promoted model), one per project: a newer request cancels the running job of that project.
 A finished fine-tune is promoted only if its PQ on the held-out annotations beats the serving
-model's; otherwise it is kept on disk, not promoted, and the figures are logged.
+model's (at equal PQ, its mIoU must); otherwise it is kept on disk, not promoted, and the figures
+are logged.
 
 Webhook policy (env vars): START_TRAINING always trains; ANNOTATION_CREATED/UPDATED train when
 ODISE_TRAIN_ON_ANNOTATION is true (default), after ODISE_TRAIN_DEBOUNCE seconds without a
@@ -311,6 +312,14 @@ def evaluate_model(model: Any, samples: list[Any], vocab: Any, lock: Any = None)
     return ev.summarize()
 
 
+def is_better(after: EvalResult, before: EvalResult) -> bool:
+    """The promotion rule: higher held-out PQ; at equal PQ (e.g. both 0 early on), higher mIoU."""
+    def key(r: EvalResult) -> tuple[float, float]:
+        return tuple(-1.0 if v != v else v for v in (r.pq, r.miou))
+
+    return key(after) > key(before)
+
+
 FetchFn = Callable[[float], TrainingData]
 
 
@@ -521,7 +530,7 @@ class JobManager:
             self._check(job)
             before = evaluate_model(model, data.holdout, vocab, self.model_lock) if data.holdout else None
             self._check(job)
-            promote = after is not None and before is not None and after.pq > before.pq
+            promote = after is not None and before is not None and is_better(after, before)
             job.metrics = {"holdout_before": before.as_dict() if before else None,
                            "holdout_after": after.as_dict() if after else None,
                            "train_seconds": round(train_seconds, 2)}
@@ -540,8 +549,8 @@ class JobManager:
             }
             job.version = self.store.write(job.project, candidate.trainable_state_dict(), meta)
             job.promoted = promote
-            figures = (f"held-out PQ {after.pq:.2f} vs serving {before.pq:.2f}" if after and before
-                       else "no held-out tasks to compare on")
+            figures = (f"held-out PQ {after.pq:.2f} vs serving {before.pq:.2f}, mIoU {after.miou:.2f} vs "
+                       f"{before.miou:.2f}" if after and before else "no held-out tasks to compare on")
             if promote:
                 self.store.promote(job.project, job.version)
                 self.store.mark_promoted(job.project, job.version)

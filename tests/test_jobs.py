@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch import nn
 
-from backend.jobs import Job, JobManager, TrainPolicy, VersionStore, clone_for_training
+from backend.jobs import Job, JobManager, TrainPolicy, VersionStore, clone_for_training, is_better
 from backend.training_data import TrainingData
 from odise_core.training import TrainSample
 from odise_core.types import RawPrediction, Segment
@@ -345,3 +345,14 @@ def test_jobs_hold_the_shared_model_lock_for_forward_passes(tmp_path):
         # the fine-tune's backbone pass waits for the lock
         assert job.state == "training" and job.step == 0 and not job.wait(0)
     assert job.wait(10) and job.state == "done"
+
+
+def test_promotion_rule_breaks_pq_ties_with_miou():
+    from odise_core.evaluation import EvalResult
+
+    def r(pq: float, miou: float) -> EvalResult:
+        return EvalResult(pq, 0, 0, 0, 0, 0, 0, miou, 1)
+
+    assert is_better(r(10, 1), r(5, 50)) and not is_better(r(5, 50), r(10, 1))
+    assert is_better(r(0, 6), r(0, 4)) and not is_better(r(0, 4), r(0, 4))
+    assert is_better(r(0, 1), r(float("nan"), float("nan")))
