@@ -66,6 +66,14 @@ def _run_serve(args: argparse.Namespace) -> int:
     settings = BackendSettings.from_env(preset=args.preset, device=args.device, fast=args.fast or None,
                                         label_studio_url=args.label_studio_url,
                                         api_key=args.api_key, model_dir=Path(args.model_dir) if args.model_dir else None)
+    from odise_core.config import get_config
+    from odise_core.weights import WeightsMissingError, check_weights_available
+
+    try:  # fail at once, before listening, when the weights cannot be had (a few seconds at most)
+        check_weights_available(get_config(settings.preset, fast=settings.fast))
+    except WeightsMissingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     backend = ODISEBackend(settings)
     backend.start_loading(background=True)
     server = make_server(args.host, args.port, create_app(backend), threaded=True)

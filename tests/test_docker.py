@@ -220,12 +220,20 @@ def test_entrypoint_serves_health_on_localhost(tmp_path):
             assert _docker_healthcheck(env, port) == 0
 
 
-def test_healthcheck_reports_a_model_that_failed_to_load(tmp_path):
-    with _served(tmp_path, PRESET="odise-label-coco", HF_HUB_OFFLINE="1") as (port, env, body):
-        assert body["status"] == "UP" and body["model_state"] == "failed"
-        assert str(tmp_path / "weights") in body["error"]
-        if shutil.which("curl"):
-            assert _docker_healthcheck(env, port) == 1
+def test_serve_without_weights_stops_at_once_with_the_reason(tmp_path):
+    env = _entry_env(tmp_path, PRESET="odise-label-coco", HF_HUB_OFFLINE="1", HOST="127.0.0.1", PORT=str(_free_port()))
+    started = time.monotonic()
+    proc = subprocess.run(["sh", str(ENTRYPOINT)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert time.monotonic() - started < 60
+    assert "Traceback" not in proc.stderr
+    assert "Stable Diffusion" in proc.stderr and str(tmp_path / "weights") in proc.stderr
+    assert "ODISE_SD_WEIGHTS" in proc.stderr  # how to supply them
+
+
+def test_healthcheck_fails_when_the_server_is_down(tmp_path):
+    env = _entry_env(tmp_path)
+    assert _docker_healthcheck(env, _free_port()) != 0
 
 
 def test_entrypoint_routes_commands(tmp_path):
