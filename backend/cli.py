@@ -18,6 +18,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="cpu, cuda, cuda:N, mps or auto (env DEVICE)")
     p.add_argument("--weights-dir", default=os.environ.get("ODISE_WEIGHTS_DIR"),
                    help="where weights are looked up and cached (env ODISE_WEIGHTS_DIR)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=os.environ.get("PRECISION", "auto"),
+                   help="inference autocast: auto (bf16/fp16 on CUDA, fp32 on CPU), bf16 (also on CPU), fp32 (env PRECISION)")
     p.add_argument("--fast", action="store_true", default=os.environ.get("FAST", "") in ("1", "true", "yes"),
                    help="process at the window size (512 shortest edge): 1 crop instead of 4 (env FAST=1)")
 
@@ -64,6 +66,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     if args.weights_dir:
         os.environ["ODISE_WEIGHTS_DIR"] = args.weights_dir
     settings = BackendSettings.from_env(preset=args.preset, device=args.device, fast=args.fast or None,
+                                        precision=args.precision,
                                         label_studio_url=args.label_studio_url,
                                         api_key=args.api_key, model_dir=Path(args.model_dir) if args.model_dir else None)
     from odise_core.config import get_config
@@ -195,7 +198,9 @@ def _run_predict(args: argparse.Namespace) -> int:
     vocab = Vocabulary.from_text(args.labels) if args.labels else (
         Vocabulary.coco_panoptic() if args.dataset == "coco" else Vocabulary.ade20k_150())
     try:
-        model = ODISE.from_config(get_config(args.preset, fast=args.fast), device=args.device)
+        cfg = get_config(args.preset, fast=args.fast)
+        cfg.precision = args.precision
+        model = ODISE.from_config(cfg, device=args.device)
     except WeightsMissingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

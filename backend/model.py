@@ -10,6 +10,7 @@
 | LABEL_STUDIO_URL | (from /setup) | Label Studio address for uploaded files and training data |
 | LABEL_STUDIO_API_KEY | (from /setup) | personal access token (refresh JWT) or legacy token |
 | PREDICTION_MODE | panoptic | panoptic, instance or semantic |
+| PRECISION | auto | inference autocast: auto (bf16/fp16 on CUDA, fp32 on CPU), bf16 (also on CPU), fp32 |
 | OVERLAP_THRESHOLD | 0.8 | panoptic: share of a query's mask it must win to become a region (reference config 0.8, its demo 0.0) |
 | POLYGON_TOLERANCE | 1.0 | polygon simplification in pixels (0 = exact pixel outline) |
 | MAX_POINTS | 500 | vertex cap per polygon |
@@ -62,6 +63,7 @@ class BackendSettings:
     api_key: str | None = None
     mode: str = "panoptic"
     overlap_threshold: float = 0.8
+    precision: str = "auto"
     result: ResultOptions = field(default_factory=ResultOptions)
     image_timeout: float = 30.0
     max_image_mb: float = 50.0
@@ -87,6 +89,7 @@ class BackendSettings:
             api_key=env.get("LABEL_STUDIO_API_KEY") or env.get("LABEL_STUDIO_ACCESS_TOKEN") or None,
             mode=env.get("PREDICTION_MODE", defaults.mode),
             overlap_threshold=float(env.get("OVERLAP_THRESHOLD", defaults.overlap_threshold)),
+            precision=env.get("PRECISION", defaults.precision),
             result=result,
             image_timeout=float(env.get("IMAGE_TIMEOUT", defaults.image_timeout)),
             max_image_mb=float(env.get("MAX_IMAGE_MB", defaults.max_image_mb)),
@@ -131,6 +134,7 @@ def _default_factory(settings: BackendSettings) -> Any:
 
     cfg = get_config(settings.preset, fast=settings.fast)
     cfg.head.overlap_threshold = settings.overlap_threshold
+    cfg.precision = settings.precision
     return ODISE.from_config(cfg, device=settings.device)
 
 

@@ -60,7 +60,7 @@ class StageClock:
         return out
 
 
-def run_one(preset: str, size: int, mode: str, classes: int, device: str) -> dict:
+def run_one(preset: str, size: int, mode: str, classes: int, device: str, precision: str = "auto") -> dict:
     """Build the model, predict one cold and one warm image at `size` shortest edge; return figures."""
     import torch
 
@@ -73,6 +73,8 @@ def run_one(preset: str, size: int, mode: str, classes: int, device: str) -> dic
     cfg.backbone.min_size = size
     cfg.backbone.max_size = max(cfg.backbone.max_size, size)
     cls = ReferenceEquivalentODISE if mode == "reference" else ODISE
+    if mode != "reference":  # the reference pipeline runs fp32 on CPU
+        cfg.precision = precision
     with PeakMemory() as build:
         model = cls.from_config(cfg, device=device, text_cache=TextEmbeddingCache(None))
     params = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -101,13 +103,14 @@ def run_one(preset: str, size: int, mode: str, classes: int, device: str) -> dic
 
 
 def child(args: argparse.Namespace) -> None:
-    out = run_one(args.preset, args.size, args.mode, args.classes, args.device)
+    out = run_one(args.preset, args.size, args.mode, args.classes, args.device, args.precision)
     print("RESULT " + json.dumps(out))
 
 
-def spawn(preset: str, size: int, mode: str, classes: int, device: str, threads: int | None) -> dict:
+def spawn(preset: str, size: int, mode: str, classes: int, device: str, threads: int | None,
+          precision: str = "auto") -> dict:
     cmd = [sys.executable, __file__, "--child", "--preset", preset, "--size", str(size), "--mode", mode,
-           "--classes", str(classes), "--device", device]
+           "--classes", str(classes), "--device", device, "--precision", precision]
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -151,6 +154,7 @@ def main() -> None:
     ap.add_argument("--modes", default="reference,optimised")
     ap.add_argument("--classes", type=int, default=133)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="auto", help="optimised mode's autocast: auto, bf16 or fp32")
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the children")
     ap.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -164,7 +168,7 @@ def main() -> None:
     for size in (int(s) for s in args.sizes.split(",")):
         for mode in args.modes.split(","):
             print(f"running {mode} at {size} ...", file=sys.stderr, flush=True)
-            results.append(spawn(args.preset, size, mode, args.classes, args.device, args.threads))
+            results.append(spawn(args.preset, size, mode, args.classes, args.device, args.threads, args.precision))
     if args.json:
         print(json.dumps(results, indent=1))
     else:

@@ -151,10 +151,14 @@ class ODISE(nn.Module):
 
     # ----------------------------------------------------------------- inference
     def _autocast(self):
-        if self.device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            return torch.autocast("cuda", dtype=dtype)
-        return nullcontext()
+        precision = self.cfg.precision
+        if precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
+        if precision == "fp32" or (precision == "auto" and self.device.type != "cuda"):
+            return nullcontext()
+        if self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            return torch.autocast("cuda", dtype=torch.float16)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     @torch.inference_mode()
     def predict_raw(self, image: Any, vocab: Vocabulary, mode: str = "panoptic") -> RawPrediction:
