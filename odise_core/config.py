@@ -203,8 +203,9 @@ class ModelConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     checkpoint: str | None = None  # ODISE trainable weights: URL or local path; None = random
     seed: int = 0
-    # Inference autocast: "auto" = bf16 (fp16 without bf16 support) on CUDA, fp32 elsewhere;
-    # "bf16" also on CPU (measured 1.7x faster VAE encoder on an AVX512-BF16 CPU); "fp32" never.
+    # Inference precision (odise_core.model.precision_plan): "auto" = autocast bf16/fp16 on CUDA,
+    # the frozen SD networks in bf16 on CPUs with native bf16, fp32 otherwise; "bf16" = SD in bf16 on
+    # any CPU; "fp32" = float32 everywhere (the reference pipeline's numbers).
     precision: str = "auto"
 
     def replace(self, **changes: Any) -> "ModelConfig":

@@ -6,6 +6,7 @@ so the UNet's last resnet/attention/output conv and the VAE decoder's high-resol
 """
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
@@ -89,10 +90,40 @@ class DiffusionFeatureExtractor(nn.Module):
         self.vae.eval()
         return self
 
+    @property
+    def sd_dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    def set_sd_dtype(self, dtype: torch.dtype) -> None:
+        """Run the frozen UNet and VAE in `dtype` (float32 or bfloat16); the captioner stays float32.
+
+        Casting down is one-way: bf16 weights cast back to float32 are rounded, so that is refused.
+        In bf16 the VAE encoder also switches to channels_last, where oneDNN's bf16 convolutions
+        were measured 2x faster on an AMX CPU (and float32 gained nothing)."""
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"the SD networks run in float32 or bfloat16, not {dtype}")
+        current = self.sd_dtype
+        if dtype == current:
+            return
+        if current != torch.float32:
+            raise ValueError(f"the SD networks were already cast to {current}; casting back to {dtype} would "
+                             "keep the rounded weights: rebuild the model with precision 'fp32'")
+        # diffusers warns on any dtype cast by `.to()`; these networks have no fp32-only modules
+        diffusers_log = logging.getLogger("diffusers.models.modeling_utils")
+        level = diffusers_log.level
+        diffusers_log.setLevel(logging.ERROR)
+        try:
+            self.unet.to(dtype)
+            self.vae.to(dtype)
+        finally:
+            diffusers_log.setLevel(level)
+        if dtype == torch.bfloat16 and not self.channels_last:
+            self.vae.encoder.to(memory_format=torch.channels_last)
+
     def _network(self, source: str) -> nn.Module:
         return {"vae_encoder": self.vae.encoder, "unet": self.unet, "vae_decoder": self.vae.decoder}[source]
 
-    def _attach_hooks(self, captured: dict[int, torch.Tensor], time_cond: torch.Tensor) -> list[Any]:
+    def _attach_hooks(self, captured: dict[int, list[torch.Tensor]], time_cond: torch.Tensor) -> list[Any]:
         """Hooks for one forward: capture block inputs (stopping networks early) and offset the time embedding.
 
         Registered per call and acting only in the calling thread, so copies of this module and
@@ -105,7 +136,7 @@ class DiffusionFeatureExtractor(nn.Module):
             def hook(module: nn.Module, args: tuple, kwargs: dict, index: int = index, stop: bool = stop) -> None:
                 if threading.get_ident() != owner:
                     return
-                captured[index] = args[0] if args else next(iter(kwargs.values()))
+                captured.setdefault(index, []).append(args[0] if args else next(iter(kwargs.values())))
                 if stop:
                     raise _StopNetwork
 
@@ -134,19 +165,23 @@ class DiffusionFeatureExtractor(nn.Module):
 
     def forward(self, crops01: torch.Tensor, clip_embed: torch.Tensor) -> list[torch.Tensor]:
         """(B,3,w,w) crops in [0,1] and their CLIP embeddings (B,D) -> the 8 features in cfg order."""
-        dtype = next(self.unet.parameters()).dtype
-        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        dtype = self.sd_dtype
+        encoder_cl = self.channels_last or dtype == torch.bfloat16
+        memory_format = torch.channels_last if encoder_cl else torch.contiguous_format
         x = (crops01 * 2.0 - 1.0).to(dtype).contiguous(memory_format=memory_format)
         batch = x.shape[0]
+        # float32 on the CPU: the VAE encoder ran 20% faster one crop at a time than batched
+        # (4 x 512 crops, 21.2 s vs 26.4 s here); in bf16 and on GPUs it is batched.
+        encode_chunk = 1 if x.device.type == "cpu" and dtype == torch.float32 else batch
         context, time_cond = self.conditioning(clip_embed.to(self.alpha_cond.dtype))
-        captured: dict[int, torch.Tensor] = {}
+        captured: dict[int, list[torch.Tensor]] = {}
         handles = self._attach_hooks(captured, time_cond)
         try:
             with torch.no_grad():
-                h = self.vae.encoder(x)
+                h = torch.cat([self.vae.encoder(x[i:i + encode_chunk]) for i in range(0, batch, encode_chunk)])
                 if self.vae.quant_conv is not None:
                     h = self.vae.quant_conv(h)
-                latent = h[:, : self.cfg.latent_channels] * self.cfg.vae_scale
+                latent = (h[:, : self.cfg.latent_channels] * self.cfg.vae_scale).contiguous()
             noise = self.noise
             if noise.shape[-2:] != latent.shape[-2:]:
                 noise = F.interpolate(noise, size=latent.shape[-2:], mode="bicubic", align_corners=False)
@@ -161,4 +196,5 @@ class DiffusionFeatureExtractor(nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
-        return [captured[i] for i in range(len(self.specs))]
+        # a network run in chunks (the VAE encoder on the CPU) left one tensor per chunk
+        return [torch.cat(captured[i]) if len(captured[i]) > 1 else captured[i][0] for i in range(len(self.specs))]

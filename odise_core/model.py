@@ -43,6 +43,37 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when oneDNN has native bf16 kernels on this CPU (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def precision_plan(precision: str, device: torch.device) -> tuple[torch.dtype | None, torch.dtype]:
+    """(whole-model autocast dtype or None, dtype of the frozen SD networks) for `precision` on `device`.
+
+    - fp32: everything in float32: the same numbers as the reference pipeline.
+    - auto: on CUDA, autocast in bf16 (fp16 without bf16 support); on a CPU with native bf16, the
+      frozen UNet and VAE in bf16 and the rest in float32; float32 otherwise.
+    - bf16: as auto, but the SD networks run in bf16 on any CPU.
+    On the CPU only SD goes to bf16: whole-model autocast made the CLIP ViT 20x slower there.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp32":
+        return None, torch.float32
+    if device.type == "cuda":
+        return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16), torch.float32
+    if device.type == "cpu" and (precision == "bf16" or cpu_has_native_bf16()):
+        return None, torch.bfloat16
+    return None, torch.float32
+
+
 class ODISE(nn.Module):
     """The trainable ODISE parts plus references to the frozen SD and CLIP networks."""
 
@@ -81,7 +112,15 @@ class ODISE(nn.Module):
         if cfg.checkpoint is not None:
             weights.load_odise_checkpoint(model, cfg.checkpoint)
         model.eval()
-        return model.to(resolve_device(device))
+        model = model.to(resolve_device(device))
+        model.apply_precision()
+        return model
+
+    def apply_precision(self) -> tuple[torch.dtype | None, torch.dtype]:
+        """Cast the frozen SD networks as `cfg.precision` asks on this device; returns the plan."""
+        autocast_dtype, sd_dtype = precision_plan(self.cfg.precision, self.device)
+        self.backbone.feature_extractor.set_sd_dtype(sd_dtype)
+        return autocast_dtype, sd_dtype
 
     @property
     def device(self) -> torch.device:
@@ -151,14 +190,8 @@ class ODISE(nn.Module):
 
     # ----------------------------------------------------------------- inference
     def _autocast(self):
-        precision = self.cfg.precision
-        if precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
-        if precision == "fp32" or (precision == "auto" and self.device.type != "cuda"):
-            return nullcontext()
-        if self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            return torch.autocast("cuda", dtype=torch.float16)
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        autocast_dtype, _ = self.apply_precision()
+        return torch.autocast(self.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
 
     @torch.inference_mode()
     def predict_raw(self, image: Any, vocab: Vocabulary, mode: str = "panoptic") -> RawPrediction:

@@ -32,6 +32,10 @@ class ReferenceEquivalentODISE(ODISE):
         object.__setattr__(self, "mask_clip", clips[2])
         object.__setattr__(self, "sd_text_encoder", text_encoder)
 
+    def apply_precision(self) -> tuple[torch.dtype | None, torch.dtype]:
+        """The reference pipeline runs in float32 on the CPU, whatever `cfg.precision` says."""
+        return None, torch.float32
+
     @classmethod
     def from_config(cls, cfg: ModelConfig, device: str | torch.device = "auto", text_cache: Any = None
                     ) -> "ReferenceEquivalentODISE":

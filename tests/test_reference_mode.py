@@ -16,6 +16,7 @@ from odise_core.vocabulary import TextEmbeddingCache, Vocabulary
 def models():
     cfg = get_config("tiny")
     cfg.head.overlap_threshold = 0.0  # keep every segment so the comparison covers many
+    cfg.precision = "fp32"  # the same arithmetic as the reference; bf16 is a separate lever (test_precision)
     fast = ODISE.from_config(cfg, device="cpu", text_cache=TextEmbeddingCache(None))
     ref = ReferenceEquivalentODISE.from_config(cfg, device="cpu")
     return fast, ref
