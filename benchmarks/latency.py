@@ -4,8 +4,13 @@ Cost does not depend on weight values, so the full `odise-label-coco` preset wit
 gives honest figures. Each (mode, size) runs in its own subprocess so peak RSS is not polluted by
 the other runs.
 
-    python benchmarks/latency.py                       # full preset, sizes 512 and 1024, both modes
+    python benchmarks/latency.py                       # full preset, 512 and 1024, all three modes
+    python benchmarks/latency.py --sizes 1024 --modes reference,optimised:fp32
     python benchmarks/latency.py --preset tiny --sizes 256 --json
+
+Modes: `reference` (float32, the reference pipeline's work), `optimised:fp32` (the same numbers,
+less work), `optimised:auto` (the default: on a CPU with native bf16 the frozen SD networks run in
+bf16).
 """
 from __future__ import annotations
 
@@ -73,8 +78,7 @@ def run_one(preset: str, size: int, mode: str, classes: int, device: str, precis
     cfg.backbone.min_size = size
     cfg.backbone.max_size = max(cfg.backbone.max_size, size)
     cls = ReferenceEquivalentODISE if mode == "reference" else ODISE
-    if mode != "reference":  # the reference pipeline runs fp32 on CPU
-        cfg.precision = precision
+    cfg.precision = "fp32" if mode == "reference" else precision  # the reference pipeline runs fp32
     with PeakMemory() as build:
         model = cls.from_config(cfg, device=device, text_cache=TextEmbeddingCache(None))
     params = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -87,7 +91,9 @@ def run_one(preset: str, size: int, mode: str, classes: int, device: str, precis
 
     image = skimage.data.astronaut()
     clock = StageClock(model)
-    result = {"mode": mode, "preset": preset, "size": size, "classes": len(vocab), "device": str(model.device),
+    _, sd_dtype = model.apply_precision()
+    result = {"mode": mode, "precision": cfg.precision, "sd_dtype": str(sd_dtype).replace("torch.", ""),
+              "preset": preset, "size": size, "classes": len(vocab), "device": str(model.device),
               "build_s": build.seconds, "build_peak_rss_mb": build.peak_rss / 2**20,
               "model_mb": params / 2**20, "runs": {}}
     for run in ("cold", "warm"):
@@ -121,44 +127,57 @@ def spawn(preset: str, size: int, mode: str, classes: int, device: str, threads:
     raise RuntimeError(f"benchmark child failed ({mode} {size}):\n{proc.stderr[-3000:]}")
 
 
+def label(result: dict) -> str:
+    if result["mode"] == "reference":
+        return "reference"
+    return f"opt {result['precision']} (SD {result['sd_dtype'].replace('bfloat16', 'bf16').replace('float32', 'fp32')})"
+
+
 def print_table(results: list[dict]) -> None:
+    """One table per size: a column per mode, then each optimised mode's ratio against the reference."""
     sizes = sorted({r["size"] for r in results})
     for size in sizes:
-        pair = {r["mode"]: r for r in results if r["size"] == size}
-        print(f"\n== {results[0]['preset']} at {size} px shortest edge, {results[0]['classes']} classes, "
-              f"device {results[0]['device']} (warm image; ms) ==")
-        modes = [m for m in ("reference", "optimised") if m in pair]
-        print(f"{'stage':<18}" + "".join(f"{m:>14}" for m in modes) + ("   ratio" if len(modes) == 2 else ""))
+        runs = [r for r in results if r["size"] == size]
+        ref = next((r for r in runs if r["mode"] == "reference"), None)
+        others = [r for r in runs if r is not ref]
+        print(f"\n== {runs[0]['preset']} at {size} px shortest edge, {runs[0]['classes']} classes, "
+              f"device {runs[0]['device']} (warm image; ms) ==")
+        head = "".join(f"{label(r):>20}" for r in runs)
+        if ref is not None:
+            head += "".join(f"{'ratio ' + r['precision']:>14}" for r in others)
+        print(f"{'stage':<18}" + head)
+
+        def row(name: str, fn, fmt: str) -> None:
+            vals = [fn(r) for r in runs]
+            line = f"{name:<18}" + "".join(format(v, fmt).rjust(20) for v in vals)
+            if ref is not None:
+                line += "".join((f"{fn(ref) / fn(r):13.2f}x" if fn(r) > 0 else " " * 14) for r in others)
+            print(line)
+
         for stage in STAGES:
-            vals = [pair[m]["runs"]["warm"]["stages_s"].get(stage, 0.0) * 1000 for m in modes]
-            ratio = f"{vals[0] / vals[1]:8.2f}x" if len(vals) == 2 and vals[1] > 0 else ""
-            print(f"{stage:<18}" + "".join(f"{v:14.0f}" for v in vals) + ratio)
-        rows = [
-            ("total warm", lambda r: r["runs"]["warm"]["total_s"] * 1000),
-            ("total cold", lambda r: r["runs"]["cold"]["total_s"] * 1000),
-            ("peak RSS warm MB", lambda r: r["runs"]["warm"]["peak_rss_mb"]),
-            ("build s", lambda r: r["build_s"]),
-            ("build peak RSS MB", lambda r: r["build_peak_rss_mb"]),
-            ("model MB", lambda r: r["model_mb"]),
-        ]
-        for name, fn in rows:
-            vals = [fn(pair[m]) for m in modes]
-            ratio = f"{vals[0] / vals[1]:8.2f}x" if len(vals) == 2 and vals[1] > 0 else ""
-            print(f"{name:<18}" + "".join(f"{v:14.1f}" for v in vals) + ratio)
+            row(stage, lambda r, st=stage: r["runs"]["warm"]["stages_s"].get(st, 0.0) * 1000, ".0f")
+        row("total warm", lambda r: r["runs"]["warm"]["total_s"] * 1000, ".0f")
+        row("total cold", lambda r: r["runs"]["cold"]["total_s"] * 1000, ".0f")
+        row("peak RSS warm MB", lambda r: r["runs"]["warm"]["peak_rss_mb"], ".0f")
+        row("build s", lambda r: r["build_s"], ".1f")
+        row("build peak RSS MB", lambda r: r["build_peak_rss_mb"], ".0f")
+        row("model MB", lambda r: r["model_mb"], ".0f")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="odise-label-coco")
     ap.add_argument("--sizes", default="512,1024", help="shortest-edge sizes, comma separated")
-    ap.add_argument("--modes", default="reference,optimised")
+    ap.add_argument("--modes", default="reference,optimised:fp32,optimised:auto",
+                    help="reference and/or optimised[:precision], comma separated; precision is auto, bf16 or "
+                         "fp32 (the reference always runs fp32)")
     ap.add_argument("--classes", type=int, default=133)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--precision", default="auto", help="optimised mode's autocast: auto, bf16 or fp32")
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the children")
     ap.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--precision", default="auto", help=argparse.SUPPRESS)
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -166,9 +185,11 @@ def main() -> None:
         return
     results = []
     for size in (int(s) for s in args.sizes.split(",")):
-        for mode in args.modes.split(","):
-            print(f"running {mode} at {size} ...", file=sys.stderr, flush=True)
-            results.append(spawn(args.preset, size, mode, args.classes, args.device, args.threads, args.precision))
+        for spec in args.modes.split(","):
+            mode, _, precision = spec.partition(":")
+            precision = "fp32" if mode == "reference" else (precision or "auto")
+            print(f"running {mode} ({precision}) at {size} ...", file=sys.stderr, flush=True)
+            results.append(spawn(args.preset, size, mode, args.classes, args.device, args.threads, precision))
     if args.json:
         print(json.dumps(results, indent=1))
     else:
