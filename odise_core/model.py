@@ -141,12 +141,10 @@ class ODISE(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith(self.FROZEN_PREFIXES)}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load trainable weights, requiring exactly the keys of `trainable_state_dict`."""
-        expected = set(self.trainable_state_dict())
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-        if missing or unexpected:
-            raise ValueError(f"checkpoint does not match the model: {len(missing)} missing keys "
-                             f"{missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}")
+        """Load trainable weights, requiring exactly the keys and shapes of `trainable_state_dict`."""
+        problem = weights.state_dict_mismatch(self.trainable_state_dict(), state)
+        if problem:
+            raise ValueError(f"checkpoint does not match the model: {problem}")
         self.load_state_dict(state, strict=False)
 
     # ----------------------------------------------------------------- stages

@@ -467,6 +467,21 @@ def _renamed(key: str) -> str:
     return key
 
 
+def state_dict_mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str | None:
+    """What differs between a state dict and the one expected (keys, shapes); None when they match."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(state) & set(expected))
+        if tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    if not (missing or unexpected or mismatched):
+        return None
+    return (f"{len(missing)} missing keys {missing[:10]}, {len(unexpected)} unexpected keys {unexpected[:10]}, "
+            f"{len(mismatched)} shape mismatches {mismatched[:10]}")
+
+
 def load_odise_checkpoint(model: nn.Module, url_or_path: str) -> None:
     """Load ckpt["model"] into `model.trainable_state_dict()` keys strictly (raise on any mismatch)."""
     path = fetch_checkpoint(url_or_path)
@@ -475,19 +490,9 @@ def load_odise_checkpoint(model: nn.Module, url_or_path: str) -> None:
     ignored = [k for k in state if k.startswith(IGNORED_CHECKPOINT_PREFIXES)]
     state = {_renamed(k): torch.as_tensor(v) for k, v in state.items()
              if not k.startswith(IGNORED_CHECKPOINT_PREFIXES)}
-    expected = model.trainable_state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(state) & set(expected))
-        if tuple(state[k].shape) != tuple(expected[k].shape)
-    ]
-    if missing or unexpected or mismatched:
-        raise RuntimeError(
-            f"checkpoint {path} does not match the model: {len(missing)} missing {missing[:10]}, "
-            f"{len(unexpected)} unexpected {unexpected[:10]}, {len(mismatched)} shape mismatches {mismatched[:10]}"
-        )
+    problem = state_dict_mismatch(model.trainable_state_dict(), state)
+    if problem:
+        raise RuntimeError(f"checkpoint {path} does not match the model: {problem}")
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise RuntimeError(f"keys not in the model: {result.unexpected_keys[:10]}")

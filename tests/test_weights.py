@@ -216,7 +216,7 @@ def test_odise_checkpoint_loads_strictly(tmp_path):
     bad = dict(source.trainable_state_dict(), **{"head.scale": torch.ones(1)})
     del bad["head.bias"]
     torch.save({"model": bad}, tmp_path / "bad.pth")
-    with pytest.raises(RuntimeError, match=r"1 missing \['head.bias'\].*1 unexpected \['head.scale'\]"):
+    with pytest.raises(RuntimeError, match=r"1 missing keys \['head.bias'\].*1 unexpected keys \['head.scale'\]"):
         load_odise_checkpoint(_Toy(), str(tmp_path / "bad.pth"))
 
     shape = dict(source.trainable_state_dict(), **{"head.weight": torch.zeros(4, 3)})
