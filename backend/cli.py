@@ -19,7 +19,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights-dir", default=os.environ.get("ODISE_WEIGHTS_DIR"),
                    help="where weights are looked up and cached (env ODISE_WEIGHTS_DIR)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=os.environ.get("PRECISION", "auto"),
-                   help="inference autocast: auto (bf16/fp16 on CUDA, fp32 on CPU), bf16 (also on CPU), fp32 (env PRECISION)")
+                   help="auto: bf16/fp16 autocast on CUDA, frozen SD networks in bf16 on CPUs with native bf16; "
+                        "bf16: SD in bf16 on any CPU; fp32: float32 everywhere (env PRECISION)")
     p.add_argument("--fast", action="store_true", default=os.environ.get("FAST", "") in ("1", "true", "yes"),
                    help="process at the window size (512 shortest edge): 1 crop instead of 4 (env FAST=1)")
 

@@ -10,7 +10,7 @@
 | LABEL_STUDIO_URL | (from /setup) | Label Studio address for uploaded files and training data |
 | LABEL_STUDIO_API_KEY | (from /setup) | personal access token (refresh JWT) or legacy token |
 | PREDICTION_MODE | panoptic | panoptic, instance or semantic |
-| PRECISION | auto | inference autocast: auto (bf16/fp16 on CUDA, fp32 on CPU), bf16 (also on CPU), fp32 |
+| PRECISION | auto | auto: bf16/fp16 autocast on CUDA, frozen SD networks in bf16 on CPUs with native bf16 (AMX/AVX512-BF16), fp32 elsewhere; bf16: SD in bf16 on any CPU; fp32: float32 everywhere |
 | OVERLAP_THRESHOLD | 0.8 | panoptic: share of a query's mask it must win to become a region (reference config 0.8, its demo 0.0) |
 | POLYGON_TOLERANCE | 1.0 | polygon simplification in pixels (0 = exact pixel outline) |
 | MAX_POINTS | 500 | vertex cap per polygon |
