@@ -5,7 +5,7 @@ gives honest figures. Each (mode, size) runs in its own subprocess so peak RSS i
 the other runs.
 
     python benchmarks/latency.py                       # full preset, 512 and 1024, all three modes
-    python benchmarks/latency.py --sizes 1024 --modes reference,optimised:fp32
+    python benchmarks/latency.py --sizes 1024 --modes reference,optimised:fp32 --interleave --repeats 3
     python benchmarks/latency.py --preset tiny --sizes 256 --json
 
 Modes: `reference` (float32, the reference pipeline's work), `optimised:fp32` (the same numbers,
@@ -65,8 +65,8 @@ class StageClock:
         return out
 
 
-def run_one(preset: str, size: int, mode: str, classes: int, device: str, precision: str = "auto") -> dict:
-    """Build the model, predict one cold and one warm image at `size` shortest edge; return figures."""
+def session(preset: str, size: int, mode: str, classes: int, device: str, precision: str = "auto"):
+    """Build the model; returns its figures so far and a function that predicts one image and times it."""
     import torch
 
     from odise_core.model import ODISE
@@ -96,27 +96,116 @@ def run_one(preset: str, size: int, mode: str, classes: int, device: str, precis
               "preset": preset, "size": size, "classes": len(vocab), "device": str(model.device),
               "build_s": build.seconds, "build_peak_rss_mb": build.peak_rss / 2**20,
               "model_mb": params / 2**20, "runs": {}}
-    for run in ("cold", "warm"):
+
+    def measure() -> dict:
         with PeakMemory() as mem:
             raw = model.predict_raw(image, vocab)
         stages = dict(raw.timings)
         stages.pop("backbone")
         stages.update(clock.split())
-        result["runs"][run] = {"total_s": mem.seconds, "peak_rss_mb": mem.peak_rss / 2**20,
-                               "peak_cuda_mb": mem.peak_cuda / 2**20, "stages_s": stages,
-                               "segments": len(raw.segments)}
+        return {"total_s": mem.seconds, "peak_rss_mb": mem.peak_rss / 2**20, "peak_cuda_mb": mem.peak_cuda / 2**20,
+                "stages_s": stages, "segments": len(raw.segments)}
+
+    return result, measure
+
+
+def finish(result: dict, measured: list[dict]) -> dict:
+    """The first image is the cold one; the others are warm (reported as their median)."""
+    result["runs"]["cold"] = measured[0]
+    result["runs"]["warm_all"] = measured[1:]
+    result["runs"]["warm"] = median_run(measured[1:])
     return result
 
 
+def run_one(preset: str, size: int, mode: str, classes: int, device: str, precision: str = "auto",
+            warm_runs: int = 1) -> dict:
+    """Build the model, predict one cold image then `warm_runs` warm ones at `size` shortest edge."""
+    result, measure = session(preset, size, mode, classes, device, precision)
+    return finish(result, [measure() for _ in range(1 + max(1, warm_runs))])
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The median of several warm runs, per stage and for the total (a shared machine is noisy)."""
+    import statistics
+
+    stages = {k: statistics.median(r["stages_s"].get(k, 0.0) for r in runs) for k in runs[0]["stages_s"]}
+    return {"total_s": statistics.median(r["total_s"] for r in runs),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "peak_cuda_mb": max(r["peak_cuda_mb"] for r in runs),
+            "stages_s": stages, "segments": runs[-1]["segments"], "runs": len(runs),
+            "total_s_min": min(r["total_s"] for r in runs), "total_s_max": max(r["total_s"] for r in runs)}
+
+
 def child(args: argparse.Namespace) -> None:
-    out = run_one(args.preset, args.size, args.mode, args.classes, args.device, args.precision)
-    print("RESULT " + json.dumps(out))
+    if not args.interleave:
+        out = run_one(args.preset, args.size, args.mode, args.classes, args.device, args.precision, args.repeats)
+        print("RESULT " + json.dumps(out))
+        return
+    # Interleaved: build and run the cold image, then one warm image per "run" line on stdin.
+    result, measure = session(args.preset, args.size, args.mode, args.classes, args.device, args.precision)
+    measured = [measure()]
+    print("READY", flush=True)
+    for line in sys.stdin:
+        if line.strip() == "run":
+            measured.append(measure())
+            print("DONE", flush=True)
+        elif line.strip() == "finish":
+            break
+    print("RESULT " + json.dumps(finish(result, measured)), flush=True)
+
+
+class Child:
+    """A benchmark child process driven over stdin/stdout (interleaved mode)."""
+
+    def __init__(self, cmd: list[str], env: dict) -> None:
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=env)
+
+    def expect(self, word: str) -> str:
+        for line in self.proc.stdout:
+            if line.startswith(word):
+                return line[len(word):].strip()
+        raise RuntimeError(f"benchmark child died before {word}:\n{self.proc.stderr.read()[-3000:]}")
+
+    def send(self, line: str) -> None:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+
+def spawn_interleaved(specs: list[tuple[str, str]], preset: str, size: int, classes: int, device: str,
+                      threads: int | None, repeats: int) -> list[dict]:
+    """All modes' models stay built; their warm images alternate (A B C A B C ...), so a slow spell on a
+    shared machine hits every mode instead of one. Needs the memory of all the models at once."""
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    children = []
+    try:
+        for mode, precision in specs:
+            print(f"building {mode} ({precision}) at {size}, cold image ...", file=sys.stderr, flush=True)
+            cmd = [sys.executable, __file__, "--child", "--interleave", "--preset", preset, "--size", str(size),
+                   "--mode", mode, "--classes", str(classes), "--device", device, "--precision", precision]
+            children.append(Child(cmd, env))
+            children[-1].expect("READY")
+        for i in range(max(1, repeats)):
+            for (mode, precision), ch in zip(specs, children):
+                print(f"warm image {i + 1}/{repeats}: {mode} ({precision}) at {size}", file=sys.stderr, flush=True)
+                ch.send("run")
+                ch.expect("DONE")
+        results = []
+        for ch in children:
+            ch.send("finish")
+            results.append(json.loads(ch.expect("RESULT ")))
+        return results
+    finally:
+        for ch in children:
+            if ch.proc.poll() is None:
+                ch.proc.kill()
 
 
 def spawn(preset: str, size: int, mode: str, classes: int, device: str, threads: int | None,
-          precision: str = "auto") -> dict:
+          precision: str = "auto", repeats: int = 1) -> dict:
     cmd = [sys.executable, __file__, "--child", "--preset", preset, "--size", str(size), "--mode", mode,
-           "--classes", str(classes), "--device", device, "--precision", precision]
+           "--classes", str(classes), "--device", device, "--precision", precision, "--repeats", str(repeats)]
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -141,7 +230,7 @@ def print_table(results: list[dict]) -> None:
         ref = next((r for r in runs if r["mode"] == "reference"), None)
         others = [r for r in runs if r is not ref]
         print(f"\n== {runs[0]['preset']} at {size} px shortest edge, {runs[0]['classes']} classes, "
-              f"device {runs[0]['device']} (warm image; ms) ==")
+              f"device {runs[0]['device']} (warm image, median of {runs[0]['runs']['warm'].get('runs', 1)}; ms) ==")
         head = "".join(f"{label(r):>20}" for r in runs)
         if ref is not None:
             head += "".join(f"{'ratio ' + r['precision']:>14}" for r in others)
@@ -157,6 +246,9 @@ def print_table(results: list[dict]) -> None:
         for stage in STAGES:
             row(stage, lambda r, st=stage: r["runs"]["warm"]["stages_s"].get(st, 0.0) * 1000, ".0f")
         row("total warm", lambda r: r["runs"]["warm"]["total_s"] * 1000, ".0f")
+        if runs[0]["runs"]["warm"].get("runs", 1) > 1:
+            row("  fastest warm", lambda r: r["runs"]["warm"]["total_s_min"] * 1000, ".0f")
+            row("  slowest warm", lambda r: r["runs"]["warm"]["total_s_max"] * 1000, ".0f")
         row("total cold", lambda r: r["runs"]["cold"]["total_s"] * 1000, ".0f")
         row("peak RSS warm MB", lambda r: r["runs"]["warm"]["peak_rss_mb"], ".0f")
         row("build s", lambda r: r["build_s"], ".1f")
@@ -173,6 +265,11 @@ def main() -> None:
                          "fp32 (the reference always runs fp32)")
     ap.add_argument("--classes", type=int, default=133)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="warm images per mode; stages and total are their median (default 1)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="keep every mode's model built and alternate their warm images (fairer on a noisy "
+                         "shared machine; needs the memory of all models at once)")
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the children")
     ap.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -183,13 +280,20 @@ def main() -> None:
     if args.child:
         child(args)
         return
+    specs = []
+    for spec in args.modes.split(","):
+        mode, _, precision = spec.partition(":")
+        specs.append((mode, "fp32" if mode == "reference" else (precision or "auto")))
     results = []
     for size in (int(s) for s in args.sizes.split(",")):
-        for spec in args.modes.split(","):
-            mode, _, precision = spec.partition(":")
-            precision = "fp32" if mode == "reference" else (precision or "auto")
+        if args.interleave:
+            results += spawn_interleaved(specs, args.preset, size, args.classes, args.device, args.threads,
+                                         args.repeats)
+            continue
+        for mode, precision in specs:
             print(f"running {mode} ({precision}) at {size} ...", file=sys.stderr, flush=True)
-            results.append(spawn(args.preset, size, mode, args.classes, args.device, args.threads, precision))
+            results.append(spawn(args.preset, size, mode, args.classes, args.device, args.threads, precision,
+                                 args.repeats))
     if args.json:
         print(json.dumps(results, indent=1))
     else:

@@ -1,7 +1,9 @@
 """Measure the speed levers of the diffusion feature extractor (the dominant cost) one at a time.
 
 Full `odise-label-coco` SD on random weights, 512 crops, this machine's CPU (or CUDA when present):
-early stop vs whole networks, batched vs one-at-a-time crops, channels_last, bf16 autocast.
+early stop vs whole networks, batched vs one-at-a-time crops, channels_last, the VAE encoder
+batched vs crop by crop, bf16 autocast, and bf16 SD weights (what `precision="auto"` does on a
+CPU with native bf16).
 Prints ms per crop and the speed-up of each lever against the baseline in the same run.
 
     python benchmarks/levers.py [--preset odise-label-coco] [--repeats 2]
@@ -62,6 +64,13 @@ def main() -> None:
                     ext(crops[i:i + batch], clip_embed[i:i + batch])
         return fn
 
+    def vae_encoder(chunk: int):
+        def fn():
+            with torch.inference_mode():
+                for i in range(0, 4, chunk):
+                    vae.encoder(crops[i:i + chunk] * 2 - 1)
+        return fn
+
     base = extractor()
     rows = [("baseline: early stop, 4 crops batched", time_call(run(base, 4), args.repeats))]
     rows.append(("whole UNet + VAE decoder (reference)", time_call(run(extractor(full_networks=True), 4), args.repeats)))
@@ -69,7 +78,11 @@ def main() -> None:
     rows.append(("channels_last", time_call(run(extractor(channels_last=True), 4), args.repeats)))
     unet.to(memory_format=torch.contiguous_format)
     vae.to(memory_format=torch.contiguous_format)
-    rows.append(("bf16 autocast", time_call(run(base, 4, autocast=True), args.repeats)))
+    rows.append(("fp32 VAE encoder alone, 4 crops batched", time_call(vae_encoder(4), args.repeats)))
+    rows.append(("fp32 VAE encoder alone, crop by crop", time_call(vae_encoder(1), args.repeats)))
+    rows.append(("bf16 autocast (whole extractor)", time_call(run(base, 4, autocast=True), args.repeats)))
+    base.set_sd_dtype(torch.bfloat16)  # one-way: the float32 rows are above
+    rows.append(("bf16 SD weights (precision auto here)", time_call(run(base, 4), args.repeats)))
     baseline = rows[0][1]
     if args.json:
         print(json.dumps([{"lever": n, "ms_per_crop": s / 4 * 1000, "vs_baseline": s / baseline} for n, s in rows]))

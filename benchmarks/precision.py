@@ -56,6 +56,7 @@ def feature_drift(preset: str) -> list[dict]:
         out[dtype] = ([f.float() for f in feats], seconds)
     rows = []
     for spec, a, b in zip(cfg.diffusion.features, out[torch.float32][0], out[torch.bfloat16][0]):
+        a, b = a.double(), b.double()  # float32 sums over millions of values overshoot 1.0
         cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
         rel = ((a - b).norm() / a.norm()).item()
         rows.append({"feature": f"{spec.source}.{spec.block}", "cosine": cos, "rel_l2": rel})
