@@ -41,7 +41,8 @@ def _add_source_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     src.add_argument("--project", type=int, help="Label Studio project id")
     src.add_argument("--coco", type=Path, help="COCO-format folder (annotations JSON + images)")
     p.add_argument("--key", help="project key for a COCO folder's model versions (default: folder name)")
-    p.add_argument("--url", default=os.environ.get("LABEL_STUDIO_URL"), help="Label Studio URL (env LABEL_STUDIO_URL)")
+    p.add_argument("--label-studio-url", "--url", dest="label_studio_url", default=os.environ.get("LABEL_STUDIO_URL"),
+                   help="Label Studio URL (env LABEL_STUDIO_URL); --url is an older spelling")
     p.add_argument("--api-key", default=os.environ.get("LABEL_STUDIO_API_KEY"),
                    help="Label Studio access token (env LABEL_STUDIO_API_KEY)")
 
@@ -138,12 +139,13 @@ def _label_studio(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     from backend.label_config import parse_label_config
     from backend.tasks import ImageFetcher
 
-    if not args.url or not args.api_key:
-        raise CommandError("--project needs --url and --api-key (or LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY)")
-    client = LabelStudio(base_url=args.url, api_key=args.api_key)
+    if not args.label_studio_url or not args.api_key:
+        raise CommandError("--project needs --label-studio-url and --api-key "
+                           "(or LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY)")
+    client = LabelStudio(base_url=args.label_studio_url.rstrip("/"), api_key=args.api_key)
     project = client.projects.get(id=args.project)
     target = parse_label_config(project.label_config).targets[0]
-    return client, target, ImageFetcher(args.url, args.api_key)
+    return client, target, ImageFetcher(args.label_studio_url, args.api_key)
 
 
 def _source(args: argparse.Namespace) -> Source:

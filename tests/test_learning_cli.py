@@ -79,3 +79,17 @@ def test_models_errors_are_messages_not_tracebacks(tmp_path, capsys):
     VersionStore(tmp_path).write("9", {"w": torch.zeros(1)}, {})
     assert main(["models", "9", "--model-dir", str(tmp_path), "--rollback", "v0042"]) == 2
     assert "no model version 'v0042'" in capsys.readouterr().err
+
+
+def test_label_studio_url_flag_is_spelled_like_serve_and_prelabel(monkeypatch, capsys):
+    from backend.cli import build_parser
+
+    monkeypatch.delenv("LABEL_STUDIO_URL", raising=False)
+    monkeypatch.delenv("LABEL_STUDIO_API_KEY", raising=False)
+    for command in ("train", "rank", "evaluate"):
+        args = build_parser().parse_args([command, "--project", "3", "--label-studio-url", "http://ls:8080"])
+        assert args.label_studio_url == "http://ls:8080"
+        old = build_parser().parse_args([command, "--project", "3", "--url", "http://old:8080"])
+        assert old.label_studio_url == "http://old:8080"  # the older spelling still works
+    assert main(["rank", "--project", "3", "--preset", "tiny", "--device", "cpu"]) != 0
+    assert "--label-studio-url" in capsys.readouterr().err
