@@ -2,7 +2,7 @@
 
 Full `odise-label-coco` SD on random weights, 512 crops, this machine's CPU (or CUDA when present):
 early stop vs whole networks, batched vs one-at-a-time crops, channels_last, the VAE encoder
-batched vs crop by crop, bf16 autocast, and bf16 SD weights (what `precision="auto"` does on a
+batched vs crop by crop, SDPA vs classic attention, bf16 autocast, and bf16 SD weights (what `precision="auto"` does on a
 CPU with native bf16).
 Prints ms per crop and the speed-up of each lever against the baseline in the same run.
 
@@ -81,6 +81,13 @@ def main() -> None:
     rows.append(("fp32 VAE encoder alone, 4 crops batched", time_call(vae_encoder(4), args.repeats)))
     rows.append(("fp32 VAE encoder alone, crop by crop", time_call(vae_encoder(1), args.repeats)))
     rows.append(("bf16 autocast (whole extractor)", time_call(run(base, 4, autocast=True), args.repeats)))
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    for net in (unet, vae):  # diffusers' default is SDPA (AttnProcessor2_0); the classic one materialises QK^T
+        net.set_attn_processor(AttnProcessor())
+    rows.append(("no SDPA: classic attention in UNet and VAE", time_call(run(base, 4), args.repeats)))
+    for net in (unet, vae):
+        net.set_attn_processor(AttnProcessor2_0())
     base.set_sd_dtype(torch.bfloat16)  # one-way: the float32 rows are above
     rows.append(("bf16 SD weights (precision auto here)", time_call(run(base, 4), args.repeats)))
     baseline = rows[0][1]
