@@ -166,7 +166,8 @@ class DiffusionFeatureExtractor(nn.Module):
     def forward(self, crops01: torch.Tensor, clip_embed: torch.Tensor) -> list[torch.Tensor]:
         """(B,3,w,w) crops in [0,1] and their CLIP embeddings (B,D) -> the 8 features in cfg order."""
         dtype = self.sd_dtype
-        encoder_cl = self.channels_last or dtype == torch.bfloat16
+        # the input follows the encoder's layout (channels_last when asked for, or in bf16: set_sd_dtype)
+        encoder_cl = self.vae.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
         memory_format = torch.channels_last if encoder_cl else torch.contiguous_format
         x = (crops01 * 2.0 - 1.0).to(dtype).contiguous(memory_format=memory_format)
         batch = x.shape[0]
