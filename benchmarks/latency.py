@@ -153,6 +153,17 @@ def child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(finish(result, measured)), flush=True)
 
 
+def child_process(preset: str, size: int, mode: str, classes: int, device: str, precision: str,
+                  threads: int | None, *extra: str) -> tuple[list[str], dict]:
+    """Command line and environment of one benchmark child."""
+    cmd = [sys.executable, __file__, "--child", "--preset", preset, "--size", str(size), "--mode", mode,
+           "--classes", str(classes), "--device", device, "--precision", precision, *extra]
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return cmd, env
+
+
 class Child:
     """A benchmark child process driven over stdin/stdout (interleaved mode)."""
 
@@ -175,16 +186,12 @@ def spawn_interleaved(specs: list[tuple[str, str]], preset: str, size: int, clas
                       threads: int | None, repeats: int) -> list[dict]:
     """All modes' models stay built; their warm images alternate (A B C A B C ...), so a slow spell on a
     shared machine hits every mode instead of one. Needs the memory of all the models at once."""
-    env = dict(os.environ)
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
     children = []
     try:
         for mode, precision in specs:
             print(f"building {mode} ({precision}) at {size}, cold image ...", file=sys.stderr, flush=True)
-            cmd = [sys.executable, __file__, "--child", "--interleave", "--preset", preset, "--size", str(size),
-                   "--mode", mode, "--classes", str(classes), "--device", device, "--precision", precision]
-            children.append(Child(cmd, env))
+            children.append(Child(*child_process(preset, size, mode, classes, device, precision, threads,
+                                                 "--interleave")))
             children[-1].expect("READY")
         for i in range(max(1, repeats)):
             for (mode, precision), ch in zip(specs, children):
@@ -204,11 +211,7 @@ def spawn_interleaved(specs: list[tuple[str, str]], preset: str, size: int, clas
 
 def spawn(preset: str, size: int, mode: str, classes: int, device: str, threads: int | None,
           precision: str = "auto", repeats: int = 1) -> dict:
-    cmd = [sys.executable, __file__, "--child", "--preset", preset, "--size", str(size), "--mode", mode,
-           "--classes", str(classes), "--device", device, "--precision", precision, "--repeats", str(repeats)]
-    env = dict(os.environ)
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
+    cmd, env = child_process(preset, size, mode, classes, device, precision, threads, "--repeats", str(repeats))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
