@@ -21,6 +21,8 @@
 | MAX_IMAGE_MB | 50 | largest image file accepted |
 | ALLOW_LOCAL_PATHS | true | accept task image values that are paths on the backend host |
 | BASIC_AUTH_USER / BASIC_AUTH_PASS | unset | require HTTP basic auth (set the same in Label Studio's model connection) |
+| WEBHOOK_SECRET | unset | with basic auth: lets Label Studio's webhooks in by the X-Webhook-Secret header or ?secret= |
+| MAX_REQUEST_MB | 100 | largest request body; larger ones get 413 before they are read |
 """
 from __future__ import annotations
 
@@ -68,6 +70,8 @@ class BackendSettings:
     image_timeout: float = 30.0
     max_image_mb: float = 50.0
     allow_local_paths: bool = True
+    webhook_secret: str | None = None
+    max_request_mb: float = 100.0
 
     @classmethod
     def from_env(cls, environ: dict | None = None, **overrides: Any) -> "BackendSettings":
@@ -94,6 +98,8 @@ class BackendSettings:
             image_timeout=float(env.get("IMAGE_TIMEOUT", defaults.image_timeout)),
             max_image_mb=float(env.get("MAX_IMAGE_MB", defaults.max_image_mb)),
             allow_local_paths=_env_bool(env, "ALLOW_LOCAL_PATHS", defaults.allow_local_paths),
+            webhook_secret=env.get("WEBHOOK_SECRET") or None,
+            max_request_mb=float(env.get("MAX_REQUEST_MB", defaults.max_request_mb)),
         )
         for key, value in overrides.items():
             if value is not None:
