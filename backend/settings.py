@@ -20,6 +20,7 @@ loaders as fields of the model configuration.
 | OVERLAP_THRESHOLD | | 0.8 | panoptic: share of a query's mask it must win to become a region |
 | POLYGON_TOLERANCE, MAX_POINTS, MIN_AREA, SCORE_THRESHOLD, KEEP_HOLES | | 1.0, 500, 64, 0.0, true | result shaping |
 | IMAGE_TIMEOUT, MAX_IMAGE_MB, ALLOW_LOCAL_PATHS | | 30, 50, true | image fetching |
+| INTERACTIVE_CACHE_MB | | 512 | memory kept for interactive answers (per-task query states, LRU) |
 """
 from __future__ import annotations
 
@@ -91,6 +92,7 @@ class BackendSettings:
     image_timeout: float = 30.0
     max_image_mb: float = 50.0
     allow_local_paths: bool = True
+    interactive_cache_mb: float = 512.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "BackendSettings":
@@ -124,6 +126,7 @@ class BackendSettings:
             image_timeout=_env_number(env, "IMAGE_TIMEOUT", float, d.image_timeout),
             max_image_mb=_env_number(env, "MAX_IMAGE_MB", float, d.max_image_mb),
             allow_local_paths=env_bool(env, "ALLOW_LOCAL_PATHS", d.allow_local_paths),
+            interactive_cache_mb=_env_number(env, "INTERACTIVE_CACHE_MB", float, d.interactive_cache_mb),
         )
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(overrides) - names
