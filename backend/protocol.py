@@ -2,12 +2,13 @@
 
 Label Studio sends (ml/api_connector.py, webhooks/utils.py):
   /setup    {"project": "<id>.<created>", "schema": xml, "hostname", "access_token", "extra_params"}
-  /predict  {"tasks": [task objects with "data"], "project", "label_config": xml, "params"}
+  /predict  {"tasks": [task objects with "data"], "project", "label_config": xml,
+             "params": {"login", "password", "context": interactive clicks/boxes/text or null}}
   /webhook  {"action": "ANNOTATION_CREATED" | "START_TRAINING" | ..., "project": {"id", "label_config", ...}, ...}
   /train    {"annotations": [...], "project": "<id>.<created>", "label_config": xml, "params"}
 Every reader returns the fields the backend uses, typed, or raises BadRequest with the HTTP status and a
 message naming what is wrong, so malformed input gets a 4xx instead of a crash deep in the model.
-Fields the backend does not use (params, extra_params, annotations of /train) only have to be JSON.
+Fields the backend does not use (extra_params, login/password, annotations of /train) only have to be JSON.
 """
 from __future__ import annotations
 
@@ -123,6 +124,7 @@ class PredictRequest:
     tasks: list[dict[str, Any]]
     label_config: str
     project: str | None
+    context: Any  # interactive pre-annotation: the user's clicks, boxes or text (None for plain predictions)
 
 
 def read_predict(data: dict[str, Any]) -> PredictRequest:
@@ -137,8 +139,12 @@ def read_predict(data: dict[str, Any]) -> PredictRequest:
         if not isinstance(task.get("data"), dict):
             got = "missing" if task.get("data") is None else f"a JSON {_json_type(task['data'])}"
             raise BadRequest(f'"tasks[{i}].data" must be an object of the task\'s data fields, got {got}')
+    params = data.get("params")
+    if params is not None and not isinstance(params, dict):
+        raise BadRequest(f'"params" must be an object, got a JSON {_json_type(params)}')
+    context = (params or {}).get("context")  # checked by backend.interactive, which reads it
     return PredictRequest(tasks=tasks, label_config=_string(data, "label_config", "the project's label config XML"),
-                          project=project_id(data.get("project"), "project"))
+                          project=project_id(data.get("project"), "project"), context=context)
 
 
 @dataclass(frozen=True)
