@@ -109,10 +109,12 @@ def _add_prelabel(sub: argparse._SubParsersAction) -> None:
 def _run_prelabel(args: argparse.Namespace) -> int:
     from backend.model import ModelLoadFailed
     from backend.prelabel import run_command
+    from backend.ray_prelabel import RayUnavailable, WorkersDisagree
 
     try:
         summary = run_command(args)
-    except (ValueError, FileNotFoundError, ModelLoadFailed, LabelStudioAuthError) as e:
+    except (ValueError, FileNotFoundError, ModelLoadFailed, LabelStudioAuthError, RayUnavailable,
+            WorkersDisagree) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(summary.format())

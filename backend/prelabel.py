@@ -279,7 +279,11 @@ def add_arguments(p: Any) -> None:
                         "default: the folder's parent)")
     p.add_argument("--url-prefix", default=LOCAL_FILES_PREFIX, help="folder mode: image URL prefix in the JSON")
     add_model_dir_flag(p, "fine-tuned model versions; a project's promoted version is used")
-    p.add_argument("--workers", type=int, default=2, help="image fetching threads")
+    p.add_argument("--workers", type=int, default=2, help="image fetching threads; with --ray: Ray actors, one model each")
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="run on Ray: ADDRESS 'auto' (the cluster of `ray start`), ray://host:port, or nothing for "
+                        "a local cluster (needs odise-label-studio[ray])")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="with --ray: GPUs per actor (0.5 = two per GPU)")
     p.add_argument("--prefetch", type=int, default=4, help=f"images read ahead of the model (max {MAX_PREFETCH})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -290,7 +294,6 @@ def run_command(args: Any) -> PrelabelSummary:
     Raises ValueError (bad flags/config), LabelStudioAuthError (no Label Studio credentials) or
     backend.model.ModelLoadFailed (weights missing).
     """
-    from backend.label_config import make_label_config
     from backend.ls_client import make_client
     from backend.model import ModelLoadFailed, ODISEBackend
     from backend.settings import BackendSettings
@@ -301,6 +304,10 @@ def run_command(args: Any) -> PrelabelSummary:
         raise ValueError("--folder needs --label-config FILE or --labels TEXT to know what to predict")
     settings = BackendSettings.resolve(args)
     client = make_client(settings.label_studio_url, settings.api_key) if args.project is not None else None
+    if args.ray is not None:
+        from backend.ray_prelabel import run_command as run_on_ray
+
+        return run_on_ray(args, settings, client, None if client is not None else folder_label_config(args))
     backend = ODISEBackend(settings)
     backend.start_loading(background=False)
     if backend.error:
@@ -308,11 +315,15 @@ def run_command(args: Any) -> PrelabelSummary:
     options = dict(workers=args.workers, prefetch=args.prefetch, progress=not args.no_progress)
     if client is not None:
         return prelabel_project(backend, client, args.project, **options)
-    if args.label_config:
-        xml = Path(args.label_config).read_text()
-    else:
-        from odise_core.vocabulary import Vocabulary
+    return prelabel_folder(backend, folder_label_config(args), args.folder, args.out,
+                           document_root=args.document_root, url_prefix=args.url_prefix, **options)
 
-        xml = make_label_config(Vocabulary.from_text(args.labels), kind=args.kind)
-    return prelabel_folder(backend, xml, args.folder, args.out, document_root=args.document_root,
-                           url_prefix=args.url_prefix, **options)
+
+def folder_label_config(args: Any) -> str:
+    """Folder mode's label config: the --label-config file, or one made from --labels and --kind."""
+    from backend.label_config import make_label_config
+    from odise_core.vocabulary import Vocabulary
+
+    if args.label_config:
+        return Path(args.label_config).read_text()
+    return make_label_config(Vocabulary.from_text(args.labels), kind=args.kind)

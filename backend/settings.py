@@ -88,14 +88,14 @@ class BackendSettings:
     offline: bool = False
     model_dir: Path = DEFAULT_MODEL_DIR
     label_studio_url: str | None = None
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)  # repr-free: settings are logged and sent to Ray workers
     mode: str = "panoptic"
     result: ResultOptions = field(default_factory=ResultOptions)
     image_timeout: float = 30.0
     max_image_mb: float = 50.0
     allow_local_paths: bool = True
     interactive_cache_mb: float = 512.0
-    webhook_secret: str | None = None
+    webhook_secret: str | None = field(default=None, repr=False)
     max_request_mb: float = 100.0
 
     @classmethod

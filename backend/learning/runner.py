@@ -9,7 +9,9 @@ and the baseline's version are stored in the new version's metadata.
 
 `model_lock` guards the frozen backbone that serving and training models share (its feature hooks
 are not re-entrant): jobs hold it for every forward pass they make, one image at a time, and the
-server holds it around its own forward passes.
+server holds it around its own forward passes. Across processes sharing MODEL_DIR (serving
+replicas), a job holds the project's training lock (backend.learning.locks) from reading its data
+to saving its version; a job of the same project in another process waits for it.
 """
 from __future__ import annotations
 
@@ -17,11 +19,15 @@ import functools
 import logging
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, ContextManager, Iterator
+
+from filelock import Timeout
 
 from backend.learning.jobs import Job, JobCancelled, JobRecords
+from backend.learning.locks import training_lock
 from backend.learning.policy import ANNOTATION_EVENTS, START_TRAINING, TrainPolicy
 from backend.learning.promotion import evaluate_model, is_better
 from backend.learning.serving import copy_sharing_frozen, model_config
@@ -36,6 +42,7 @@ FetchFn = Callable[[float], TrainingData]  # holdout_fraction -> the project's t
 ServingFn = Callable[[], tuple[str | None, Any]]  # -> (stored version or None for the base, model) serving now
 FinetuneFn = Callable[[Any, TrainingData, Any, Job, ContextManager], Any]
 JUDGE_ATTEMPTS = 3
+LOCK_POLL_SECONDS = 0.5  # how often a job waiting for another process's training checks for cancellation
 
 
 @dataclass
@@ -225,18 +232,19 @@ class JobManager:
         try:
             if previous is not None:
                 previous.join()
-            with self._lock:
+            with self._training_slot(job):
+                with self._lock:
+                    job.check()
+                    self._running[job.project] = job
+                    if self._followup.get(job.project) is job:
+                        del self._followup[job.project]
+                    job.state, job.fetch_started = "fetching", time.time()
+                self.records.save(job)
+                data = request.fetch(self.policy.holdout_fraction)
                 job.check()
-                self._running[job.project] = job
-                if self._followup.get(job.project) is job:
-                    del self._followup[job.project]
-                job.state, job.fetch_started = "fetching", time.time()
-            self.records.save(job)
-            data = request.fetch(self.policy.holdout_fraction)
-            job.check()
-            if self._skip(job, data, request):
-                return
-            self._train_and_judge(job, data, request)
+                if self._skip(job, data, request):
+                    return
+                self._train_and_judge(job, data, request)
         except JobCancelled:
             job.state = "cancelled"
             job.message = "cancelled: the backend is shutting down"
@@ -249,6 +257,25 @@ class JobManager:
             job.finished = time.time()
             self.records.save(job)
             job._done.set()
+
+    @contextmanager
+    def _training_slot(self, job: Job) -> Iterator[None]:
+        """Hold the project's cross-process training lock; wait (cancellably) while another process has it."""
+        lock = training_lock(self.store.root, job.project)
+        while True:
+            try:
+                lock.acquire(timeout=LOCK_POLL_SECONDS)
+                break
+            except Timeout:
+                job.check()
+            if not job.message:
+                job.message = "waiting: another backend process sharing MODEL_DIR is training this project"
+                log.info("project %s job %s waits for another process's fine-tune", job.project, job.id)
+        try:
+            job.message = ""
+            yield
+        finally:
+            lock.release()
 
     def _skip(self, job: Job, data: TrainingData, request: _Request) -> bool:
         """End the job as "skipped" when there is too little data or only data already trained on."""

@@ -7,7 +7,8 @@ Per project:
     MODEL_DIR/<project>/CURRENT                   name of the promoted (serving) version
 A version directory is written under a temporary name and renamed with `os.replace`, and CURRENT
 is replaced the same way, so a crash or `kill -9` at any moment leaves either the old or the new
-state, never a partial one; leftover temporary directories are removed on start.
+state, never a partial one; leftover temporary directories are removed on start. Every change
+holds MODEL_DIR/.locks/store.lock, so several processes may share one MODEL_DIR (backend.learning.locks).
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from backend.learning.locks import store_lock
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +69,15 @@ class VersionStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.lock = store_lock(self.root)
         self.cleanup()
 
     def cleanup(self) -> None:
-        """Remove temporary directories a crashed or killed writer left behind."""
-        for tmp in self.root.glob(f"*/{TMP_PREFIX}*"):
-            log.warning("removing unfinished model version %s", tmp)
-            shutil.rmtree(tmp, ignore_errors=True)
+        """Remove temporary directories a crashed or killed writer left behind (live writers hold the lock)."""
+        with self.lock:
+            for tmp in self.root.glob(f"*/{TMP_PREFIX}*"):
+                log.warning("removing unfinished model version %s", tmp)
+                shutil.rmtree(tmp, ignore_errors=True)
 
     def project_dir(self, project: str | int) -> Path:
         name = str(project)
@@ -118,6 +123,11 @@ class VersionStore:
 
         The version is not promoted.
         """
+        with self.lock:
+            return self._write(project, state_dict, metadata, config)
+
+    def _write(self, project: str | int, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any],
+               config: dict[str, Any] | None) -> str:
         d = self.project_dir(project)
         d.mkdir(parents=True, exist_ok=True)
         version = self.next_version(project)
@@ -142,36 +152,39 @@ class VersionStore:
 
     def promote(self, project: str | int, version: str) -> None:
         """Point CURRENT at `version` (atomically) and record in its metadata that it was promoted."""
-        self.metadata(project, version)
-        d = self.project_dir(project)
-        tmp = d / f"{TMP_PREFIX}{CURRENT}-{uuid.uuid4().hex[:8]}"
-        write_file(tmp, version.encode())
-        os.replace(tmp, d / CURRENT)
-        fsync_dir(d)
-        self._mark_promoted(project, version)
+        with self.lock:
+            self.metadata(project, version)
+            d = self.project_dir(project)
+            tmp = d / f"{TMP_PREFIX}{CURRENT}-{uuid.uuid4().hex[:8]}"
+            write_file(tmp, version.encode())
+            os.replace(tmp, d / CURRENT)
+            fsync_dir(d)
+            self._mark_promoted(project, version)
         log.info("project %s now serves model version %s", project, version)
 
     def rollback(self, project: str | int, version: str | None = None) -> str | None:
         """Serve `version`, or else the newest earlier version that was promoted (None = base model)."""
-        if version is not None:
-            self.promote(project, version)
-            return version
-        current = self.current(project)
-        if current is None:
-            raise ValueError(f"project {project} serves the base model; nothing to roll back")
-        earlier = [v for v in self.versions(project) if v < current and self.metadata(project, v).get("promoted")]
-        if earlier:
-            self.promote(project, earlier[-1])
-            return earlier[-1]
-        self.serve_base(project)
-        return None
+        with self.lock:
+            if version is not None:
+                self.promote(project, version)
+                return version
+            current = self.current(project)
+            if current is None:
+                raise ValueError(f"project {project} serves the base model; nothing to roll back")
+            earlier = [v for v in self.versions(project) if v < current and self.metadata(project, v).get("promoted")]
+            if earlier:
+                self.promote(project, earlier[-1])
+                return earlier[-1]
+            self.serve_base(project)
+            return None
 
     def serve_base(self, project: str | int) -> None:
         """Serve the base model for `project` (its versions stay on disk)."""
         d = self.project_dir(project)
-        if (d / CURRENT).exists():
-            os.remove(d / CURRENT)
-            fsync_dir(d)
+        with self.lock:
+            if (d / CURRENT).exists():
+                os.remove(d / CURRENT)
+                fsync_dir(d)
         log.info("project %s now serves the base model", project)
 
     def load_state_dict(self, project: str | int, version: str) -> dict[str, torch.Tensor]:

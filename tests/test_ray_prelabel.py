@@ -1,0 +1,176 @@
+"""`prelabel --ray` on a local Ray cluster (2 CPUs, tiny preset): the same outputs as the single-process
+path, resume, a bad image, a killed actor, and a project's predictions written in batches."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from PIL import Image
+from skimage import data as skdata
+
+from backend.label_config import make_label_config
+from backend.model import BackendSettings, ODISEBackend
+from backend.prelabel import prelabel_folder, prelabel_project
+from odise_core.vocabulary import Vocabulary
+
+ray = pytest.importorskip("ray")
+from backend.ray_prelabel import (ACTOR_PREFIX, RayUnavailable, import_ray, prelabel_folder_on_ray,  # noqa: E402
+                                  prelabel_project_on_ray)
+
+XML = make_label_config(Vocabulary.from_text("person,cat,cup,sky"), kind="polygon")
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
+BROKEN = "/data/local-files/?d=photos/broken.jpg"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory) -> BackendSettings:
+    return BackendSettings(preset="tiny", device="cpu", fast=True, model_dir=tmp_path_factory.mktemp("models"))
+
+
+def _photos(root: Path) -> Path:
+    folder = root / "photos"
+    folder.mkdir(parents=True)
+    for name in PHOTOS:
+        Image.fromarray(getattr(skdata, name)()).convert("RGB").resize((160, 120)).save(folder / f"{name}.jpg")
+    (folder / "broken.jpg").write_bytes(b"this is not a JPEG")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return _photos(tmp_path_factory.mktemp("files"))
+
+
+@pytest.fixture(scope="module")
+def single(settings, folder, tmp_path_factory):
+    """The single-process run everything is compared with: (tasks by URL, summary)."""
+    backend = ODISEBackend(settings)
+    backend.start_loading(background=False)
+    out = tmp_path_factory.mktemp("single") / "tasks.json"
+    summary = prelabel_folder(backend, XML, folder, out, progress=False)
+    return _tasks(out), summary
+
+
+def _tasks(out: Path) -> dict[str, dict]:
+    """Tasks of an import JSON by image URL, without region ids (random per region, by design)."""
+    return _without_ids({t["data"]["image"]: t for t in json.loads(out.read_text())})
+
+
+def _without_ids(value):
+    if isinstance(value, dict):
+        return {k: _without_ids(v) for k, v in value.items() if k != "id" or "value" not in value}
+    if isinstance(value, list):
+        return [_without_ids(v) for v in value]
+    return value
+
+
+def test_ray_run_equals_the_single_process_run_and_resumes(cluster, settings, folder, single, tmp_path):
+    expected, base = single
+    assert (base.predicted, len(base.failures)) == (len(PHOTOS), 1)
+    out = tmp_path / "tasks.json"
+    summary = prelabel_folder_on_ray(settings, XML, folder, out, workers=2, progress=False)
+    assert (summary.total, summary.predicted, summary.skipped, summary.workers) == (len(PHOTOS) + 1, len(PHOTOS), 0, 2)
+    assert summary.model_version == base.model_version
+    assert [f.item for f in summary.failures] == [f.item for f in base.failures] == [BROKEN]
+    assert "is not a readable image" in summary.failures[0].error
+    assert _tasks(out) == expected
+    assert any(t["predictions"][0]["result"] for t in expected.values())
+    assert not out.with_name("tasks.json.partial.jsonl").exists()
+    assert "2 Ray worker(s), 0 lost" in summary.format()
+
+    again = prelabel_folder_on_ray(settings, XML, folder, out, workers=1, progress=False)
+    assert (again.predicted, again.skipped, [f.item for f in again.failures]) == (0, len(PHOTOS), [BROKEN])
+    assert _tasks(out) == expected
+
+
+def test_ray_run_resumes_an_interrupted_journal(cluster, settings, folder, single, tmp_path):
+    expected, _ = single
+    kept = expected["/data/local-files/?d=photos/chelsea.jpg"]
+    out = tmp_path / "tasks.json"
+    (tmp_path / "tasks.json.partial.jsonl").write_text(
+        json.dumps({"url": kept["data"]["image"], "prediction": kept["predictions"][0]}) + "\n")
+    summary = prelabel_folder_on_ray(settings, XML, folder, out, workers=2, progress=False)
+    assert (summary.predicted, summary.skipped, len(summary.failures)) == (len(PHOTOS) - 1, 1, 1)
+    assert _tasks(out) == expected
+
+
+def test_a_killed_actor_s_images_are_predicted_by_the_other(cluster, settings, folder, single, tmp_path):
+    expected, _ = single
+    out = tmp_path / "tasks.json"
+    journal = tmp_path / "tasks.json.partial.jsonl"
+    killed: list[str] = []
+
+    def kill_one_actor_after_the_first_answer() -> None:
+        deadline = time.time() + 600
+        while time.time() < deadline and not (journal.exists() and journal.read_text().strip()):
+            time.sleep(0.05)
+        name = sorted(n["name"] if isinstance(n, dict) else n for n in ray.util.list_named_actors()
+                      if (n["name"] if isinstance(n, dict) else n).startswith(ACTOR_PREFIX))[0]
+        ray.kill(ray.get_actor(name))
+        killed.append(name)
+
+    killer = threading.Thread(target=kill_one_actor_after_the_first_answer, daemon=True)
+    killer.start()
+    summary = prelabel_folder_on_ray(settings, XML, folder, out, workers=2, progress=False)
+    killer.join(timeout=5)
+    assert len(killed) == 1
+    assert (summary.workers_lost, summary.predicted, [f.item for f in summary.failures]) == (1, len(PHOTOS), [BROKEN])
+    assert summary.retried >= 1
+    assert _tasks(out) == expected
+
+
+class _FakeLabelStudio:
+    """The slice of the SDK client prelabel uses, over tasks held in memory (images are local files)."""
+
+    def __init__(self, folder: Path):
+        self.items = [{"id": i + 1, "data": {"image": str(folder / f"{n}.jpg")}, "predictions": []}
+                      for i, n in enumerate(PHOTOS)]
+        self.imports: list[int] = []
+        self.projects = SimpleNamespace(get=lambda id: SimpleNamespace(label_config=XML),
+                                        import_predictions=self._import)
+        self.tasks = SimpleNamespace(list=lambda project, fields: [dict(t) for t in self.items])
+        self.predictions = SimpleNamespace(create=self._create)
+
+    def _create(self, task: int, result: list, score: float | None, model_version: str) -> None:
+        self.items[task - 1]["predictions"].append({"result": result, "score": score, "model_version": model_version})
+
+    def _import(self, id: int, request: list) -> None:
+        self.imports.append(len(request))
+        for r in request:
+            self._create(r.task, r.result, r.score, r.model_version)
+
+
+def test_project_mode_writes_the_single_process_predictions_in_batches(cluster, settings, folder):
+    backend = ODISEBackend(settings)
+    backend.start_loading(background=False)
+    one, many = _FakeLabelStudio(folder), _FakeLabelStudio(folder)
+    base = prelabel_project(backend, one, 7, progress=False)
+    summary = prelabel_project_on_ray(settings, many, 7, workers=2, progress=False)
+    assert (summary.predicted, summary.failures, summary.model_version) == (len(PHOTOS), [], base.model_version)
+    assert many.imports == [len(PHOTOS)]  # one batch: fewer than WRITE_BATCH predictions
+    assert _without_ids(many.items) == _without_ids(one.items)
+    again = prelabel_project_on_ray(settings, many, 7, workers=1, progress=False)
+    assert (again.predicted, again.skipped, many.imports) == (0, len(PHOTOS), [len(PHOTOS)])
+
+
+def test_without_ray_the_error_says_how_to_install_it(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(RayUnavailable, match=r"pip install 'odise-label-studio\[ray\]'"):
+        import_ray()
+
+
+def test_settings_repr_hides_the_label_studio_key():
+    assert "s3cret" not in repr(BackendSettings(api_key="s3cret", webhook_secret="s3cret"))
