@@ -185,9 +185,9 @@ def _run_predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from odise_core.config import get_config
-    from odise_core.model import ODISE
+    from odise_core.modeling.odise import ODISE
     from odise_core.preprocess import load_image
-    from odise_core.visualize import overlay
+    from odise_core.tools.visualize import overlay
     from odise_core.vocabulary import Vocabulary
     from odise_core.weights import WeightsMissingError
 

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from backend.training_data import TrainingData
-from odise_core.evaluation import EvalResult, Evaluator
+from odise_core.tools.evaluation import EvalResult, Evaluator
 from odise_core.types import Segment
 
 log = logging.getLogger(__name__)
@@ -330,7 +330,7 @@ TRAIN_ENV = {"ODISE_TRAIN_STEPS": ("steps", int), "ODISE_TRAIN_LR": ("lr", float
 
 def default_finetune_options() -> Any:
     """FinetuneOptions, with the fields named in TRAIN_ENV taken from those env vars when set."""
-    from odise_core.training import FinetuneOptions
+    from odise_core.training.finetune import FinetuneOptions
 
     opts = FinetuneOptions()
     for env, (attr, kind) in TRAIN_ENV.items():
@@ -341,7 +341,7 @@ def default_finetune_options() -> Any:
 
 def run_finetune(model: Any, data: TrainingData, vocab: Any, job: Job, options: Any | None = None) -> Any:
     """Run odise_core.training.finetune on the job's training samples, reporting progress into `job`."""
-    from odise_core.training import finetune
+    from odise_core.training.finetune import finetune
 
     def progress(step: int, total: int, loss: float) -> None:
         job.step, job.total_steps, job.loss = int(step), int(total), float(loss)

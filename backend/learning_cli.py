@@ -113,7 +113,7 @@ def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namesp
 
 def _build_model(args: argparse.Namespace) -> Any:
     from odise_core.config import get_config
-    from odise_core.model import ODISE
+    from odise_core.modeling.odise import ODISE
 
     if getattr(args, "weights_dir", None):
         os.environ["ODISE_WEIGHTS_DIR"] = args.weights_dir
@@ -150,9 +150,9 @@ def _label_studio(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
 def _source(args: argparse.Namespace) -> Source:
     from backend.training_data import build_training_data, fetch_annotated_tasks, split_samples
-    from odise_core.evaluation import load_coco_folder, merge_stuff
+    from odise_core.tools.evaluation import load_coco_folder, merge_stuff
     from odise_core.preprocess import load_image
-    from odise_core.training import TrainSample
+    from odise_core.training.finetune import TrainSample
     from odise_core.vocabulary import VocabClass, Vocabulary
 
     import numpy as np
@@ -202,7 +202,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from backend.jobs import JobManager, TrainPolicy, run_finetune
-    from odise_core.training import FinetuneOptions
+    from odise_core.training.finetune import FinetuneOptions
 
     source = _source(args)
     model = _build_model(args)
@@ -314,7 +314,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from backend.jobs import VersionStore, ground_truth_segments
-    from odise_core.evaluation import Evaluator
+    from odise_core.tools.evaluation import Evaluator
 
     source = _source(args)
     model = _build_model(args)

@@ -130,7 +130,7 @@ def weights_digest(model: Any) -> str:
 
 def _default_factory(settings: BackendSettings) -> Any:
     from odise_core.config import get_config
-    from odise_core.model import ODISE
+    from odise_core.modeling.odise import ODISE
 
     cfg = get_config(settings.preset, fast=settings.fast)
     cfg.head.overlap_threshold = settings.overlap_threshold

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from odise_core.geometry import polygons_to_mask
-from odise_core.training import TrainSample
+from odise_core.training.finetune import TrainSample
 
 log = logging.getLogger(__name__)
 

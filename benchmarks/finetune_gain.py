@@ -1,6 +1,6 @@
 """Measured gain of fine-tuning: the `tiny` preset from random heads on N generated scenes.
 
-The scenes (odise_core.synthetic: textured circles/triangles/squares on striped or checkered
+The scenes (odise_core.tools.synthetic: textured circles/triangles/squares on striped or checkered
 backgrounds, random colours) exist nowhere else, so no model has seen them. For each N the
 random-weight model is fine-tuned on the first N training scenes and evaluated on the same
 held-out scenes; PQ (things/stuff), mask AP and mIoU are printed before and after, with timings.
@@ -25,10 +25,10 @@ import torch
 
 from backend.jobs import clone_for_training, evaluate_model
 from odise_core.config import get_config
-from odise_core.evaluation import EvalResult
-from odise_core.model import ODISE
-from odise_core.synthetic import CLASS_NAMES, IS_THING, make_dataset
-from odise_core.training import FinetuneOptions, TrainSample, finetune
+from odise_core.tools.evaluation import EvalResult
+from odise_core.modeling.odise import ODISE
+from odise_core.tools.synthetic import CLASS_NAMES, IS_THING, make_dataset
+from odise_core.training.finetune import FinetuneOptions, TrainSample, finetune
 from odise_core.vocabulary import VocabClass, Vocabulary
 
 log = logging.getLogger("finetune_gain")

@@ -69,7 +69,7 @@ def session(preset: str, size: int, mode: str, classes: int, device: str, precis
     """Build the model; returns its figures so far and a function that predicts one image and times it."""
     import torch
 
-    from odise_core.model import ODISE
+    from odise_core.modeling.odise import ODISE
     from odise_core.reference_mode import ReferenceEquivalentODISE
     from odise_core.vocabulary import TextEmbeddingCache, Vocabulary
 

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from odise_core import weights
-from odise_core.clip import ClipModel
+from odise_core.modeling.clip import ClipModel
 from odise_core.config import ModelConfig
-from odise_core.model import ODISE, resolve_device
+from odise_core.modeling.odise import ODISE, resolve_device
 from odise_core.vocabulary import Vocabulary
 
 
@@ -70,7 +70,7 @@ class ReferenceEquivalentODISE(ODISE):
 
     def classify_with_clip(self, image01: torch.Tensor, mask_logits: torch.Tensor, vocab: Vocabulary
                            ) -> torch.Tensor:
-        from odise_core.head import clip_class_logits
+        from odise_core.modeling.head import clip_class_logits
 
         text, syn_to_class = self.text_embeddings(vocab, self.cfg.head.clip_prompt)
         embeds = self.mask_clip.mask_embeddings(image01, mask_logits)

@@ -21,7 +21,7 @@ def test_bf16_precision_on_cpu_predicts_close_to_fp32():
     import torch
 
     from odise_core.config import get_config
-    from odise_core.model import ODISE
+    from odise_core.modeling.odise import ODISE
     from odise_core.vocabulary import Vocabulary
 
     cfg = get_config("tiny")
@@ -51,7 +51,7 @@ def test_bf16_precision_on_cpu_predicts_close_to_fp32():
 def test_precision_plan():
     import torch
 
-    from odise_core.model import cpu_has_native_bf16, precision_plan
+    from odise_core.modeling.odise import cpu_has_native_bf16, precision_plan
 
     cpu = torch.device("cpu")
     assert precision_plan("fp32", cpu) == (None, torch.float32)

@@ -7,7 +7,7 @@ import pytest
 import skimage.data
 import torch
 
-from odise_core.clip import ClipModel
+from odise_core.modeling.clip import ClipModel
 from odise_core.config import get_config
 
 

@@ -10,7 +10,7 @@ from PIL import Image
 from backend.cli import main
 from backend.jobs import VersionStore
 from odise_core.geometry import coco_rle_encode
-from odise_core.synthetic import CLASS_NAMES, IS_THING, make_dataset
+from odise_core.tools.synthetic import CLASS_NAMES, IS_THING, make_dataset
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import skimage.data
 import torch
 
 from odise_core.config import get_config
-from odise_core.model import ODISE
+from odise_core.modeling.odise import ODISE
 from odise_core.reference_mode import ReferenceEquivalentODISE
 from odise_core.vocabulary import TextEmbeddingCache, Vocabulary
 

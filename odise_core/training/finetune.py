@@ -22,7 +22,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 if TYPE_CHECKING:
-    from odise_core.model import ODISE
+    from odise_core.modeling.odise import ODISE
     from odise_core.vocabulary import Vocabulary
 
 log = logging.getLogger(__name__)

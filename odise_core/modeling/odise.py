@@ -12,15 +12,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from odise_core.backbone import ODISEBackbone
-from odise_core.clip import ClipModel
+from odise_core.modeling.backbone import ODISEBackbone
+from odise_core.modeling.clip import ClipModel
 from odise_core.config import ModelConfig
-from odise_core.diffusion import DiffusionFeatureExtractor
-from odise_core.head import CategoryHead, clip_class_logits, geometric_ensemble
-from odise_core.mask_decoder import SemSegHead
+from odise_core.modeling.diffusion import DiffusionFeatureExtractor
+from odise_core.modeling.head import CategoryHead, clip_class_logits, geometric_ensemble
+from odise_core.modeling.mask_decoder import SemSegHead
 from odise_core.postprocess import instance_inference, panoptic_inference, resize_mask_logits, semantic_inference
 from odise_core.preprocess import Prepared, load_image, prepare
-from odise_core.training import SetCriterion
+from odise_core.training.finetune import SetCriterion
 from odise_core.types import RawPrediction, Segment
 from odise_core.vocabulary import TextEmbeddingCache, Vocabulary, is_base
 from odise_core import weights
