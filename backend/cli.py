@@ -185,7 +185,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from odise_core.config import get_config
-    from odise_core.modeling.odise import ODISE
+    from odise_core.predictor import build_predictor
     from odise_core.preprocess import load_image
     from odise_core.tools.visualize import overlay
     from odise_core.vocabulary import Vocabulary
@@ -201,7 +201,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     try:
         cfg = get_config(args.preset, fast=args.fast)
         cfg.precision = args.precision
-        model = ODISE.from_config(cfg, device=args.device)
+        model = build_predictor(cfg, device=args.device)
     except WeightsMissingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

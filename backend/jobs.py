@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from backend.training_data import TrainingData
+from odise_core.predictor import ODISEPredictor
 from odise_core.tools.evaluation import EvalResult, Evaluator
 from odise_core.types import Segment
 
@@ -260,13 +261,21 @@ def _json_default(obj: Any) -> Any:
 SHARED_SUBMODULES = ("backbone", "clip")
 
 
-def clone_for_training(model: torch.nn.Module) -> torch.nn.Module:
-    """Copy of `model` whose heads are independent but whose frozen parts are shared, not copied.
+def network_of(model: Any) -> Any:
+    """The network a fine-tune trains: an ODISEPredictor's model, else `model` itself (stand-ins in tests)."""
+    return model.model if isinstance(model, ODISEPredictor) else model
+
+
+def clone_for_training(model: Any) -> Any:
+    """Copy of `model` (a network, or a predictor over one) whose heads are independent but whose
+    frozen parts are shared, not copied.
 
     The backbone (SD + captioner, not trained by the fine-tune), CLIP, the text-embedding cache and
     every frozen parameter/buffer are the same objects as in `model`, so a fine-tune costs only
     the memory of the heads and the serving model is never modified.
     """
+    if isinstance(model, ODISEPredictor):
+        return ODISEPredictor(clone_for_training(model.model))
     memo: dict[int, Any] = {}
     frozen_prefixes = tuple(getattr(model, "FROZEN_PREFIXES", ()))
     for name in SHARED_SUBMODULES + ("text_cache",):
@@ -348,7 +357,7 @@ def run_finetune(model: Any, data: TrainingData, vocab: Any, job: Job, options: 
 
     opts = options if options is not None else default_finetune_options()
     job.total_steps = opts.steps
-    return finetune(model, data.train, opts, progress=progress, should_stop=job._stop.is_set, vocab=vocab)
+    return finetune(network_of(model), data.train, opts, progress=progress, should_stop=job._stop.is_set, vocab=vocab)
 
 
 class JobManager:
@@ -515,11 +524,11 @@ class JobManager:
             job.state = "training"
             t0 = time.perf_counter()
             candidate = clone_for_training(model)
-            self._lock_feature_extraction(candidate)
+            self._lock_feature_extraction(network_of(candidate))
             try:
                 self.finetune_fn(candidate, data, vocab, job)
             finally:  # evaluation below holds the lock around whole passes itself
-                vars(candidate).pop("extract_features", None)
+                vars(network_of(candidate)).pop("extract_features", None)
             self._check(job)
             trained = sorted(set(getattr(model, "trained_classes", set())) | set(vocab.names))
             if hasattr(candidate, "trained_classes"):

@@ -113,11 +113,11 @@ def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namesp
 
 def _build_model(args: argparse.Namespace) -> Any:
     from odise_core.config import get_config
-    from odise_core.modeling.odise import ODISE
+    from odise_core.predictor import build_predictor
 
     if getattr(args, "weights_dir", None):
         os.environ["ODISE_WEIGHTS_DIR"] = args.weights_dir
-    return ODISE.from_config(get_config(args.preset), device=args.device)
+    return build_predictor(get_config(args.preset), device=args.device)
 
 
 def _use_version(model: Any, store: Any, key: str, version: str) -> str:
@@ -150,8 +150,8 @@ def _label_studio(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
 def _source(args: argparse.Namespace) -> Source:
     from backend.training_data import build_training_data, fetch_annotated_tasks, split_samples
-    from odise_core.tools.evaluation import load_coco_folder, merge_stuff
     from odise_core.preprocess import load_image
+    from odise_core.tools.evaluation import load_coco_folder, merge_stuff
     from odise_core.training.finetune import TrainSample
     from odise_core.vocabulary import VocabClass, Vocabulary
 

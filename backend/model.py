@@ -130,12 +130,12 @@ def weights_digest(model: Any) -> str:
 
 def _default_factory(settings: BackendSettings) -> Any:
     from odise_core.config import get_config
-    from odise_core.modeling.odise import ODISE
+    from odise_core.predictor import build_predictor
 
     cfg = get_config(settings.preset, fast=settings.fast)
     cfg.head.overlap_threshold = settings.overlap_threshold
     cfg.precision = settings.precision
-    return ODISE.from_config(cfg, device=settings.device)
+    return build_predictor(cfg, device=settings.device)
 
 
 def project_id_of(project: Any) -> str | None:
@@ -228,7 +228,6 @@ class ODISEBackend:
         if cached is None or cached[0] != version:
             model = clone_for_training(base)
             self.jobs.load_version(model, project, version)
-            model.eval()
             cached = (version, model)
             with self._lock:
                 self._project_models[project] = cached

@@ -203,7 +203,7 @@ class ModelConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     checkpoint: str | None = None  # ODISE trainable weights: URL or local path; None = random
     seed: int = 0
-    # Inference precision (odise_core.model.precision_plan): "auto" = autocast bf16/fp16 on CUDA,
+    # Inference precision (odise_core.predictor.precision_plan): "auto" = autocast bf16/fp16 on CUDA,
     # the frozen SD networks in bf16 on CPUs with native bf16, fp32 otherwise; "bf16" = SD in bf16 on
     # any CPU; "fp32" = float32 everywhere (the reference pipeline's numbers).
     precision: str = "auto"

@@ -5,9 +5,9 @@ import pytest
 import skimage.data
 import torch
 
+from odise_core.config import get_config
 from odise_core.modeling.backbone import Bottleneck, ODISEBackbone, sliding_window
 from odise_core.modeling.clip import ClipModel
-from odise_core.config import get_config
 from odise_core.preprocess import prepare
 
 

@@ -21,13 +21,13 @@ def test_bf16_precision_on_cpu_predicts_close_to_fp32():
     import torch
 
     from odise_core.config import get_config
-    from odise_core.modeling.odise import ODISE
+    from odise_core.predictor import build_predictor
     from odise_core.vocabulary import Vocabulary
 
     cfg = get_config("tiny")
     cfg.precision = "fp32"
-    model = ODISE.from_config(cfg, device="cpu")
-    extractor = model.backbone.feature_extractor
+    model = build_predictor(cfg, device="cpu")
+    extractor = model.model.backbone.feature_extractor
     assert extractor.sd_dtype == torch.float32
     vocab = Vocabulary.from_text("cup,table,saucer")
     fp32 = model.predict_raw(skimage.data.coffee(), vocab)
@@ -36,7 +36,7 @@ def test_bf16_precision_on_cpu_predicts_close_to_fp32():
     # only the frozen SD networks went to bf16; the trainable parts and the outputs stay float32
     assert extractor.sd_dtype == torch.bfloat16 and next(extractor.unet.parameters()).dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in model.trainable_state_dict().values() if p.is_floating_point())
-    assert next(model.clip.parameters()).dtype == torch.float32
+    assert next(model.model.clip.parameters()).dtype == torch.float32
     assert bf16.class_probs.dtype == torch.float32
     assert torch.allclose(bf16.class_probs, fp32.class_probs, atol=0.05)
     assert not torch.equal(bf16.class_probs, fp32.class_probs)  # bf16 really ran
@@ -51,7 +51,7 @@ def test_bf16_precision_on_cpu_predicts_close_to_fp32():
 def test_precision_plan():
     import torch
 
-    from odise_core.modeling.odise import cpu_has_native_bf16, precision_plan
+    from odise_core.predictor import cpu_has_native_bf16, precision_plan
 
     cpu = torch.device("cpu")
     assert precision_plan("fp32", cpu) == (None, torch.float32)

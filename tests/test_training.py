@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from odise_core.training.finetune import (
+from odise_core.training.losses import (
     HungarianMatcher,
     SetCriterion,
     dice_loss,
@@ -135,7 +135,8 @@ def _options(**kw):
 
 def _fixed_loss(model, samples, vocab) -> float:
     """Loss of the model on the unaugmented views with fixed sampling points (no grad)."""
-    from odise_core.training.finetune import SetCriterion, plan_view, render_view
+    from odise_core.training.finetune import plan_view, render_view
+    from odise_core.training.losses import SetCriterion
     crit = SetCriterion(len(vocab), num_points=2048)
     total = 0.0
     cfg = model.cfg.backbone
@@ -232,18 +233,18 @@ def test_finetune_learns_one_scene_things_and_stuff():
     """Over-fitting one scene recovers every instance: the matcher, losses and panoptic inference
     handle things as well as stuff (held-out things stay hard for the random tiny backbone)."""
     from odise_core.config import get_config
-    from odise_core.modeling.odise import ODISE
+    from odise_core.predictor import build_predictor
     from odise_core.tools.synthetic import CLASS_NAMES, IS_THING, make_dataset
     from odise_core.training.finetune import FinetuneOptions, TrainSample, finetune
     from odise_core.vocabulary import TextEmbeddingCache, VocabClass, Vocabulary
 
     cfg = get_config("tiny")
     cfg.backbone.min_size = 128
-    model = ODISE.from_config(cfg, device="cpu", text_cache=TextEmbeddingCache(None))
+    model = build_predictor(cfg, device="cpu", text_cache=TextEmbeddingCache(None))
     vocab = Vocabulary([VocabClass(n, (n,), t) for n, t in zip(CLASS_NAMES, IS_THING)])
     scene = make_dataset(2, seed=0, size=128)[1]
     assert sum(IS_THING[c] for c in scene.classes) >= 2  # several instances of a thing class
-    finetune(model, [TrainSample(scene.image, scene.masks, scene.classes)],
+    finetune(model.model, [TrainSample(scene.image, scene.masks, scene.classes)],
              FinetuneOptions(steps=250, lr=1e-3, batch_size=1, seed=0, num_points=3136), vocab=vocab)
     model.trained_classes = set(vocab.names)
     segments = model.predict(scene.image, vocab)

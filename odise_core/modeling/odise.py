@@ -1,78 +1,38 @@
-"""ODISE: assembles backbone, heads and the CLIP classifier; `predict(image, vocabulary)`."""
+"""The ODISE network: frozen SD + CLIP features, mask heads and the MaskCLIP classifier; tensors in, tensors out.
+
+Images, the precision policy and output modes are the predictor's (odise_core/predictor.py).
+"""
 from __future__ import annotations
 
 import functools
-import logging
-import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from odise_core import weights
+from odise_core.config import ModelConfig
 from odise_core.modeling.backbone import ODISEBackbone
 from odise_core.modeling.clip import ClipModel
-from odise_core.config import ModelConfig
 from odise_core.modeling.diffusion import DiffusionFeatureExtractor
-from odise_core.modeling.head import CategoryHead, clip_class_logits, geometric_ensemble
+from odise_core.modeling.head import CategoryHead, clip_class_logits
 from odise_core.modeling.mask_decoder import SemSegHead
-from odise_core.postprocess import instance_inference, panoptic_inference, resize_mask_logits, semantic_inference
-from odise_core.preprocess import Prepared, load_image, prepare
-from odise_core.training.finetune import SetCriterion
-from odise_core.types import RawPrediction, Segment
-from odise_core.vocabulary import TextEmbeddingCache, Vocabulary, is_base
-from odise_core import weights
+from odise_core.vocabulary import TextEmbeddingCache, Vocabulary
 
-log = logging.getLogger(__name__)
-
-# Classes of the COCO panoptic training set; the criterion's no-object weight vector has K_train + 1 entries.
+# Classes of the COCO panoptic training set; the checkpoint's no-object weight vector has K_train + 1 entries.
 COCO_TRAIN_CLASSES = 133
-MODES = ("panoptic", "instance", "semantic")
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' picks CUDA, then MPS, then CPU."""
-    if str(device) != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+class CheckpointCriterion(nn.Module):
+    """The official checkpoint's `criterion.empty_weight` (no-object weight per training class), kept so
+    checkpoints load strictly; inference never reads it and fine-tuning builds its own SetCriterion."""
 
-
-PRECISIONS = ("auto", "bf16", "fp32")
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_has_native_bf16() -> bool:
-    """True when oneDNN has native bf16 kernels on this CPU (AVX512-BF16 or AMX)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def precision_plan(precision: str, device: torch.device) -> tuple[torch.dtype | None, torch.dtype]:
-    """(whole-model autocast dtype or None, dtype of the frozen SD networks) for `precision` on `device`.
-
-    - fp32: everything in float32: the same numbers as the reference pipeline.
-    - auto: on CUDA, autocast in bf16 (fp16 without bf16 support); on a CPU with native bf16, the
-      frozen UNet and VAE in bf16 and the rest in float32; float32 otherwise.
-    - bf16: as auto, but the SD networks run in bf16 on any CPU.
-    On the CPU only SD goes to bf16: whole-model autocast made the CLIP ViT 20x slower there.
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "fp32":
-        return None, torch.float32
-    if device.type == "cuda":
-        return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16), torch.float32
-    if device.type == "cpu" and (precision == "bf16" or cpu_has_native_bf16()):
-        return None, torch.bfloat16
-    return None, torch.float32
+    def __init__(self, num_classes: int, eos_coef: float = 0.1):
+        super().__init__()
+        empty_weight = torch.ones(num_classes + 1)
+        empty_weight[-1] = eos_coef
+        self.register_buffer("empty_weight", empty_weight)
 
 
 class ODISE(nn.Module):
@@ -92,7 +52,7 @@ class ODISE(nn.Module):
         self.sem_seg_head = SemSegHead(cfg, self.backbone.out_channels, self.backbone.out_strides)
         self.category_head = CategoryHead(cfg.head, clip_dim=cfg.clip.embed_dim)
         # The caption model classifies foreground/background only: its no-object weights have 2 entries.
-        self.criterion = SetCriterion(COCO_TRAIN_CLASSES if cfg.head.kind == "label" else 1)
+        self.criterion = CheckpointCriterion(COCO_TRAIN_CLASSES if cfg.head.kind == "label" else 1)
         # class names a fine-tune trained on: ensembled like COCO's "seen in training" classes (alpha)
         self.trained_classes: set[str] = set()
         self.text_cache = text_cache or TextEmbeddingCache(weights.weights_dir() / "text_embeddings")
@@ -102,9 +62,10 @@ class ODISE(nn.Module):
 
     # ----------------------------------------------------------------- building
     @classmethod
-    def from_config(cls, cfg: ModelConfig, device: str | torch.device = "auto",
+    def from_config(cls, cfg: ModelConfig, device: str | torch.device = "cpu",
                     text_cache: TextEmbeddingCache | None = None) -> "ODISE":
-        """Build the model with the weights named by `cfg`; fails at once when weights are missing."""
+        """Build the network with the weights named by `cfg` on `device`, in eval mode; fails at once when
+        weights are missing. The precision policy is applied by the predictor (odise_core/predictor.py)."""
         weights.check_weights_available(cfg)
         torch.manual_seed(cfg.seed)
         clip = ClipModel(cfg.clip, weights.load_clip(cfg.clip))
@@ -113,15 +74,7 @@ class ODISE(nn.Module):
         if cfg.checkpoint is not None:
             weights.load_odise_checkpoint(model, cfg.checkpoint)
         model.eval()
-        model = model.to(resolve_device(device))
-        model.apply_precision()
-        return model
-
-    def apply_precision(self) -> tuple[torch.dtype | None, torch.dtype]:
-        """Cast the frozen SD networks as `cfg.precision` asks on this device; returns the plan."""
-        autocast_dtype, sd_dtype = precision_plan(self.cfg.precision, self.device)
-        self.backbone.feature_extractor.set_sd_dtype(sd_dtype)
-        return autocast_dtype, sd_dtype
+        return model.to(device)
 
     @property
     def device(self) -> torch.device:
@@ -186,77 +139,3 @@ class ODISE(nn.Module):
         text, syn_to_class = self.text_embeddings(vocab, self.cfg.head.clip_prompt)
         embeds = self.clip.mask_embeddings(image01, mask_logits)
         return clip_class_logits(embeds, text, syn_to_class, len(vocab))
-
-    # ----------------------------------------------------------------- inference
-    def _autocast(self):
-        autocast_dtype, _ = self.apply_precision()
-        return torch.autocast(self.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-
-    @torch.inference_mode()
-    def predict_raw(self, image: Any, vocab: Vocabulary, mode: str = "panoptic") -> RawPrediction:
-        """Segments plus per-query class probabilities and mask logits for one image."""
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if len(vocab) == 0:
-            raise ValueError("the vocabulary is empty: give at least one class")
-        timings: dict[str, float] = {}
-        t = time.perf_counter()
-        array = load_image(image)
-        prep: Prepared = prepare(array, self.cfg.backbone)
-        timings["preprocess"] = time.perf_counter() - t
-
-        with self._autocast():
-            t = time.perf_counter()
-            features = self.extract_features(prep.tensor)
-            timings["backbone"] = time.perf_counter() - t
-            t = time.perf_counter()
-            out = self.forward_heads(features, vocab)
-            timings["heads"] = time.perf_counter() - t
-
-            t = time.perf_counter()
-            h, w = prep.resized_size
-            hp, wp = prep.tensor.shape[-2:]
-            masks = nn.functional.interpolate(out["pred_masks"].float(), size=(hp, wp), mode="bilinear",
-                                              align_corners=False)[..., :h, :w]
-            image01 = prep.tensor[..., :h, :w].to(self.device)
-            clip_logits = self.classify_with_clip(image01, masks, vocab)
-            timings["clip_classifier"] = time.perf_counter() - t
-
-        seen = is_base(vocab) | torch.tensor([n in self.trained_classes for n in vocab.names], dtype=torch.bool)
-        probs = geometric_ensemble(out["pred_logits"].float(), clip_logits.float(), seen.to(self.device),
-                                   self.cfg.head.alpha, self.cfg.head.beta)[0]
-        mask_logits = masks[0]
-        t = time.perf_counter()
-        segments = self._postprocess(probs, mask_logits, vocab, prep, mode)
-        timings["postprocess"] = time.perf_counter() - t
-        return RawPrediction(segments=segments, class_probs=probs.cpu(), mask_logits=mask_logits.cpu(),
-                             image_size=prep.original_size, timings=timings)
-
-    def predict(self, image: Any, vocab: Vocabulary, mode: str = "panoptic") -> list[Segment]:
-        """Panoptic (or instance/semantic) segments of one image at its original size."""
-        return self.predict_raw(image, vocab, mode).segments
-
-    def _postprocess(self, probs: torch.Tensor, mask_logits: torch.Tensor, vocab: Vocabulary, prep: Prepared,
-                     mode: str) -> list[Segment]:
-        head = self.cfg.head
-        is_thing = vocab.is_thing.to(probs.device)
-        if mode == "semantic":
-            full = resize_mask_logits(mask_logits, prep.resized_size, prep.resized_size, prep.original_size)
-            sem = semantic_inference(probs, full)
-            sem = sem / sem.sum(0, keepdim=True).clamp_min(1e-6)  # per-pixel class distribution: scores in [0,1]
-            labels = sem.argmax(0).cpu().numpy()
-            return [Segment(mask=labels == k, class_index=int(k), score=float(sem[k][labels == k].mean()),
-                            is_thing=bool(vocab.is_thing[k])) for k in np.unique(labels)]
-        if mode == "instance":
-            full = resize_mask_logits(mask_logits, prep.resized_size, prep.resized_size, prep.original_size)
-            return instance_inference(probs, full, is_thing, head.max_instances)
-        # Only queries that can survive panoptic filtering are upsampled to full size: saves memory on big images.
-        scores, labels = probs[:, :-1].max(-1)
-        keep = (probs.argmax(-1) != probs.shape[-1] - 1) & (scores > head.object_mask_threshold)
-        index = keep.nonzero().flatten()
-        full = resize_mask_logits(mask_logits[index], prep.resized_size, prep.resized_size, prep.original_size)
-        _, segments = panoptic_inference(probs[index], full, is_thing, head.object_mask_threshold,
-                                         head.overlap_threshold, head.mask_threshold)
-        for seg in segments:
-            seg.query_index = int(index[seg.query_index]) if seg.query_index >= 0 else seg.query_index
-        return segments

@@ -21,8 +21,8 @@ from PIL import Image
 from backend.label_config import make_label_config
 from backend.jobs import is_better
 from backend.training_data import split_samples
-from odise_core.tools.evaluation import evaluate
 from odise_core.geometry import PolygonOptions, mask_to_polygons, polygons_to_mask
+from odise_core.tools.evaluation import evaluate
 from odise_core.tools.synthetic import CLASS_NAMES, IS_THING, make_dataset
 from odise_core.types import Segment
 from odise_core.vocabulary import VocabClass, Vocabulary
