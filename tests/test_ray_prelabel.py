@@ -28,7 +28,13 @@ BROKEN = "/data/local-files/?d=photos/broken.jpg"
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    """A local 2-CPU cluster whose workers run at normal priority (Ray nices them by default), like the
+    test process, and without Ray's memory monitor, which kills workers when the whole machine (shared
+    with other processes) nears its memory limit."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_worker_niceness", "0")
+        mp.setenv("RAY_memory_monitor_refresh_ms", "0")
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
