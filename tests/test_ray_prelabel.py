@@ -17,8 +17,8 @@ from backend.model import BackendSettings, ODISEBackend
 from backend.prelabel import prelabel_folder, prelabel_project
 from odise_core.vocabulary import Vocabulary
 
-ray = pytest.importorskip("ray")
-from backend.ray_prelabel import (ACTOR_PREFIX, RayUnavailable, import_ray, prelabel_folder_on_ray,  # noqa: E402
+from backend.cli import build_parser
+from backend.ray_prelabel import (ACTOR_PREFIX, RayUnavailable, import_ray, prelabel_folder_on_ray,
                                   prelabel_project_on_ray)
 
 XML = make_label_config(Vocabulary.from_text("person,cat,cup,sky"), kind="polygon")
@@ -31,6 +31,7 @@ def cluster():
     """A local 2-CPU cluster whose workers run at normal priority (Ray nices them by default), like the
     test process, and without Ray's memory monitor, which kills workers when the whole machine (shared
     with other processes) nears its memory limit."""
+    ray = pytest.importorskip("ray")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAY_worker_niceness", "0")
         mp.setenv("RAY_memory_monitor_refresh_ms", "0")
@@ -112,6 +113,7 @@ def test_ray_run_resumes_an_interrupted_journal(cluster, settings, folder, singl
 
 
 def test_a_killed_actor_s_images_are_predicted_by_the_other(cluster, settings, folder, single, tmp_path):
+    ray = cluster
     expected, _ = single
     out = tmp_path / "tasks.json"
     journal = tmp_path / "tasks.json.partial.jsonl"
@@ -180,3 +182,13 @@ def test_without_ray_the_error_says_how_to_install_it(monkeypatch):
 
 def test_settings_repr_hides_the_label_studio_key():
     assert "s3cret" not in repr(BackendSettings(api_key="s3cret", webhook_secret="s3cret"))
+
+
+def test_ray_flags_parse():
+    parse = build_parser().parse_args
+    base = ["prelabel", "--folder", "photos", "--labels", "cat"]
+    assert parse(base).ray is None
+    assert parse(base + ["--ray"]).ray == ""
+    args = parse(base + ["--ray", "auto", "--workers", "4", "--gpus-per-worker", "0.5"])
+    assert (args.ray, args.workers, args.gpus_per_worker) == ("auto", 4, 0.5)
+    assert parse(base + ["--ray", "ray://head:10001"]).ray == "ray://head:10001"
