@@ -18,7 +18,8 @@ from odise_core.config import ModelConfig
 from odise_core.diffusion import DiffusionFeatureExtractor
 from odise_core.head import CategoryHead, clip_class_logits, geometric_ensemble
 from odise_core.mask_decoder import SemSegHead
-from odise_core.postprocess import instance_inference, panoptic_inference, resize_mask_logits, semantic_inference
+from odise_core.postprocess import (DIRECT_BUDGET_BYTES, UpsampledLogits, instance_inference, panoptic_segments,
+                                   resize_mask_logits, semantic_inference)
 from odise_core.preprocess import Prepared, load_image, prepare
 from odise_core.training import SetCriterion
 from odise_core.types import RawPrediction, Segment
@@ -79,6 +80,9 @@ class ODISE(nn.Module):
     """The trainable ODISE parts plus references to the frozen SD and CLIP networks."""
 
     FROZEN_PREFIXES = ("clip.", "backbone.feature_extractor.unet.", "backbone.feature_extractor.vae.")
+    # Panoptic post-processing upsamples all queries at once up to this many bytes, else one by one
+    # (same segments, bounded memory on big photos); None: always at once (benchmarks/big_image.py "before").
+    mask_budget_bytes: int | None = DIRECT_BUDGET_BYTES
 
     def __init__(self, cfg: ModelConfig, clip: ClipModel, unet: nn.Module, vae: nn.Module,
                  empty_prompt_embedding: torch.Tensor, text_cache: TextEmbeddingCache | None = None,
@@ -248,16 +252,9 @@ class ODISE(nn.Module):
             labels = sem.argmax(0).cpu().numpy()
             return [Segment(mask=labels == k, class_index=int(k), score=float(sem[k][labels == k].mean()),
                             is_thing=bool(vocab.is_thing[k])) for k in np.unique(labels)]
-        if mode == "instance":
-            full = resize_mask_logits(mask_logits, prep.resized_size, prep.resized_size, prep.original_size)
+        if mode == "instance":  # each query is upsampled to full size only when its turn comes
+            full = UpsampledLogits(mask_logits, prep.resized_size, prep.original_size)
             return instance_inference(probs, full, is_thing, head.max_instances)
-        # Only queries that can survive panoptic filtering are upsampled to full size: saves memory on big images.
-        scores, labels = probs[:, :-1].max(-1)
-        keep = (probs.argmax(-1) != probs.shape[-1] - 1) & (scores > head.object_mask_threshold)
-        index = keep.nonzero().flatten()
-        full = resize_mask_logits(mask_logits[index], prep.resized_size, prep.resized_size, prep.original_size)
-        _, segments = panoptic_inference(probs[index], full, is_thing, head.object_mask_threshold,
-                                         head.overlap_threshold, head.mask_threshold)
-        for seg in segments:
-            seg.query_index = int(index[seg.query_index]) if seg.query_index >= 0 else seg.query_index
-        return segments
+        return panoptic_segments(probs, mask_logits, prep.resized_size, prep.original_size, is_thing,
+                                 head.object_mask_threshold, head.overlap_threshold, head.mask_threshold,
+                                 budget_bytes=self.mask_budget_bytes)
