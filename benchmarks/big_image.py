@@ -50,13 +50,13 @@ def child(preset: str, mode: str, width: int, height: int, device: str) -> dict:
     """Build, warm up, predict the big image once; figures in MB and seconds."""
     import torch
 
-    from odise_core.model import ODISE
     from odise_core.postprocess import DIRECT_BUDGET_BYTES
+    from odise_core.predictor import build_predictor
     from odise_core.vocabulary import TextEmbeddingCache, Vocabulary
 
     torch.manual_seed(0)
     cfg = random_weights(preset)
-    model = ODISE.from_config(cfg, device=device, text_cache=TextEmbeddingCache(None))
+    model = build_predictor(cfg, device=device, text_cache=TextEmbeddingCache(None))
     model.mask_budget_bytes = None if mode == "before" else DIRECT_BUDGET_BYTES
     vocab = Vocabulary.coco_panoptic()
     model.predict_raw(photo(640, 427), vocab)

@@ -7,11 +7,14 @@ fits in a memory budget, and otherwise one query at a time in two passes, with i
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from odise_core.config import HeadConfig
 from odise_core.types import Segment
 
+MODES = ("panoptic", "instance", "semantic")
 # Full-size float32 logits of all kept queries up to this size are made at once (fastest); beyond it
 # panoptic inference goes query by query. 256 MiB: 100 queries of a 0.67-megapixel image.
 DIRECT_BUDGET_BYTES = 256 * 2 ** 20
@@ -212,3 +215,25 @@ def instance_inference(probs: torch.Tensor, mask_logits: torch.Tensor, is_thing:
 def semantic_inference(probs: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
     """Per-class score maps (K,H,W): sum over queries of class prob * sigmoid(mask)."""
     return torch.einsum("qc,qhw->chw", probs[:, :-1].float(), mask_logits.float().sigmoid())
+
+
+def segments_for_mode(probs: torch.Tensor, mask_logits: torch.Tensor, is_thing: torch.Tensor, head: HeadConfig,
+                      resized_size: tuple[int, int], original_size: tuple[int, int], mode: str,
+                      budget_bytes: int | None = DIRECT_BUDGET_BYTES) -> list[Segment]:
+    """Segments at the original image size from one image's (Q,K+1) probs and (Q,h,w) mask logits of the
+    resized region, in output mode "panoptic", "instance" or "semantic" (see MODES); `budget_bytes` as in
+    `panoptic_segments`."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "semantic":
+        full = resize_mask_logits(mask_logits, resized_size, resized_size, original_size)
+        sem = semantic_inference(probs, full)
+        sem = sem / sem.sum(0, keepdim=True).clamp_min(1e-6)  # per-pixel class distribution: scores in [0,1]
+        labels = sem.argmax(0).cpu().numpy()
+        return [Segment(mask=labels == k, class_index=int(k), score=float(sem[k][labels == k].mean()),
+                        is_thing=bool(is_thing[k])) for k in np.unique(labels)]
+    if mode == "instance":  # each query is upsampled to full size only when its turn comes
+        full = UpsampledLogits(mask_logits, resized_size, original_size)
+        return instance_inference(probs, full, is_thing.to(probs.device), head.max_instances)
+    return panoptic_segments(probs, mask_logits, resized_size, original_size, is_thing.to(probs.device),
+                             head.object_mask_threshold, head.overlap_threshold, head.mask_threshold, budget_bytes)

@@ -7,8 +7,8 @@ import skimage.data
 from PIL import Image
 
 from odise_core.config import get_config
-from odise_core.model import ODISE
-from odise_core.postprocess import UpsampledLogits, instance_inference, resize_mask_logits
+from odise_core.postprocess import DIRECT_BUDGET_BYTES, UpsampledLogits, instance_inference, resize_mask_logits
+from odise_core.predictor import ODISEPredictor, build_predictor
 from odise_core.preprocess import resized_shape
 from odise_core.vocabulary import Vocabulary
 
@@ -16,11 +16,11 @@ VOCAB = Vocabulary.from_text("cat, cup, person, table, dog, car, chair")  # seed
 
 
 @pytest.fixture(scope="module")
-def model() -> ODISE:
+def model() -> ODISEPredictor:
     cfg = get_config("tiny")
     cfg.precision = "fp32"
     cfg.head.overlap_threshold = 0.0  # every query that wins pixels becomes a region: more to compare
-    return ODISE.from_config(cfg, device="cpu")
+    return build_predictor(cfg, device="cpu")
 
 
 def _photo(width: int, height: int) -> np.ndarray:
@@ -31,7 +31,7 @@ def _as_tuples(segments) -> list[tuple]:
     return [(s.class_index, s.score, s.is_thing, s.query_index, s.mask.shape, s.mask.tobytes()) for s in segments]
 
 
-def test_query_by_query_panoptic_gives_the_segments_of_the_direct_path(model: ODISE) -> None:
+def test_query_by_query_panoptic_gives_the_segments_of_the_direct_path(model: ODISEPredictor) -> None:
     image = _photo(900, 700)  # upsampled from the 640 px resize, as a big photo is
     model.mask_budget_bytes = None
     direct = model.predict_raw(image, VOCAB)
@@ -39,7 +39,7 @@ def test_query_by_query_panoptic_gives_the_segments_of_the_direct_path(model: OD
     try:
         chunked = model.predict_raw(image, VOCAB)
     finally:
-        model.mask_budget_bytes = ODISE.mask_budget_bytes
+        model.mask_budget_bytes = DIRECT_BUDGET_BYTES
     assert len(direct.segments) >= 5 and all(s.mask.shape == (700, 900) for s in direct.segments)
     assert _as_tuples(chunked.segments) == _as_tuples(direct.segments)
     # Instance mode reads the same logits one query at a time.
@@ -51,7 +51,7 @@ def test_query_by_query_panoptic_gives_the_segments_of_the_direct_path(model: OD
 
 
 @pytest.mark.parametrize("height,width", [(3, 4000), (4000, 3), (1, 1)])
-def test_thin_and_tiny_images_are_segmented_at_their_own_size(model: ODISE, height: int, width: int) -> None:
+def test_thin_and_tiny_images_are_segmented_at_their_own_size(model: ODISEPredictor, height: int, width: int) -> None:
     rng = np.random.default_rng(0)
     image = (rng.random((height, width, 3)) * 255).astype(np.uint8)
     raw = model.predict_raw(image, VOCAB)
