@@ -17,7 +17,7 @@ from torch import nn
 from odise_core.config import ModelConfig
 from odise_core.modeling.head import geometric_ensemble
 from odise_core.modeling.odise import ODISE
-from odise_core.postprocess import MODES, segments_for_mode
+from odise_core.postprocess import DIRECT_BUDGET_BYTES, MODES, segments_for_mode
 from odise_core.preprocess import Prepared, load_image, prepare
 from odise_core.types import RawPrediction, Segment
 from odise_core.vocabulary import TextEmbeddingCache, Vocabulary, is_base
@@ -74,6 +74,9 @@ class ODISEPredictor:
 
     def __init__(self, model: ODISE):
         self.model = model
+        # Panoptic post-processing upsamples all kept queries at once up to this many bytes, else one by
+        # one (same segments, bounded memory on big photos); None: always at once (benchmarks/big_image.py).
+        self.mask_budget_bytes: int | None = DIRECT_BUDGET_BYTES
         self.apply_precision()
 
     @property
@@ -154,7 +157,7 @@ class ODISEPredictor:
         mask_logits = masks[0]
         t = time.perf_counter()
         segments = segments_for_mode(probs, mask_logits, vocab.is_thing, self.cfg.head, prep.resized_size,
-                                     prep.original_size, mode)
+                                     prep.original_size, mode, self.mask_budget_bytes)
         timings["postprocess"] = time.perf_counter() - t
         return RawPrediction(segments=segments, class_probs=probs.cpu(), mask_logits=mask_logits.cpu(),
                              image_size=prep.original_size, timings=timings)
