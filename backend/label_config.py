@@ -22,7 +22,7 @@ from xml.sax.saxutils import quoteattr
 
 from label_studio_sdk.label_interface import LabelInterface
 
-from odise_core.vocabulary import VocabClass, Vocabulary
+from odise_core.vocabulary import VocabClass, Vocabulary, seen_in_coco_training
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,11 @@ class LabelSpec:
     is_thing: bool = True
 
     def vocab_class(self) -> VocabClass:
-        return VocabClass(name=self.value, synonyms=self.synonyms, is_thing=self.is_thing)
+        """Base (seen in COCO training) ignoring case: Label Studio labels are usually capitalised
+        ("Person", "Dining Table"); the reference's exact match would count them as novel."""
+        names = (self.value, *self.synonyms)
+        return VocabClass(name=self.value, synonyms=self.synonyms, is_thing=self.is_thing,
+                          is_base=seen_in_coco_training(names, case_sensitive=False))
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from odise_core.postprocess import instance_inference, panoptic_inference, resiz
 from odise_core.preprocess import Prepared, load_image, prepare
 from odise_core.training import SetCriterion
 from odise_core.types import RawPrediction, Segment
-from odise_core.vocabulary import TextEmbeddingCache, Vocabulary, is_base
+from odise_core.vocabulary import TextEmbeddingCache, Vocabulary
 from odise_core import weights
 
 log = logging.getLogger(__name__)
@@ -222,7 +222,7 @@ class ODISE(nn.Module):
             clip_logits = self.classify_with_clip(image01, masks, vocab)
             timings["clip_classifier"] = time.perf_counter() - t
 
-        seen = is_base(vocab) | torch.tensor([n in self.trained_classes for n in vocab.names], dtype=torch.bool)
+        seen = vocab.is_base | torch.tensor([n in self.trained_classes for n in vocab.names], dtype=torch.bool)
         probs = geometric_ensemble(out["pred_logits"].float(), clip_logits.float(), seen.to(self.device),
                                    self.cfg.head.alpha, self.cfg.head.beta)[0]
         mask_logits = masks[0]
