@@ -181,8 +181,23 @@ class ODISE(nn.Module):
         }
         return result
 
+    def maskclip_inputs(self, padded01: torch.Tensor, resized_size: tuple[int, int], pred_masks: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image, mask logits) MaskCLIP classifies: the unpadded image and, per `cfg.head.maskclip_input`,
+        the decoder's raw masks (B,Q,Hp/4,Wp/4) ("reference") or masks cropped to the image ("aligned")."""
+        h, w = resized_size
+        image01 = padded01[..., :h, :w].to(self.device)
+        kind = self.cfg.head.maskclip_input
+        if kind == "reference":
+            return image01, pred_masks.float()
+        if kind == "aligned":
+            canvas = nn.functional.interpolate(pred_masks.float(), size=tuple(padded01.shape[-2:]), mode="bilinear",
+                                               align_corners=False)
+            return image01, canvas[..., :h, :w]
+        raise ValueError(f"head.maskclip_input must be 'reference' or 'aligned', got {kind!r}")
+
     def classify_with_clip(self, image01: torch.Tensor, mask_logits: torch.Tensor, vocab: Vocabulary) -> torch.Tensor:
-        """MaskCLIP logits (B,Q,K) of the unpadded image with masks cropped to the same region."""
+        """MaskCLIP logits (B,Q,K) of an image and mask logits (as `maskclip_inputs` gives them)."""
         text, syn_to_class = self.text_embeddings(vocab, self.cfg.head.clip_prompt)
         embeds = self.clip.mask_embeddings(image01, mask_logits)
         return clip_class_logits(embeds, text, syn_to_class, len(vocab))
@@ -218,8 +233,8 @@ class ODISE(nn.Module):
             hp, wp = prep.tensor.shape[-2:]
             masks = nn.functional.interpolate(out["pred_masks"].float(), size=(hp, wp), mode="bilinear",
                                               align_corners=False)[..., :h, :w]
-            image01 = prep.tensor[..., :h, :w].to(self.device)
-            clip_logits = self.classify_with_clip(image01, masks, vocab)
+            clip_logits = self.classify_with_clip(*self.maskclip_inputs(prep.tensor, prep.resized_size,
+                                                                        out["pred_masks"]), vocab)
             timings["clip_classifier"] = time.perf_counter() - t
 
         seen = vocab.is_base | torch.tensor([n in self.trained_classes for n in vocab.names], dtype=torch.bool)
