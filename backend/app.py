@@ -2,7 +2,8 @@
 
 GET  /, /health  liveness + model state (always 200 so Label Studio can connect while loading)
 POST /setup      validate the project's label config, return {"model_version"}
-POST /predict    {"tasks", "label_config", "project"} -> {"results": [one entry per task], "model_version"}
+POST /predict    {"tasks", "label_config", "project", "params": {"context"}} -> {"results": [one entry per task],
+                 "model_version"}; a smart-tool context gets the region it points at (backend/interactive.py)
 POST /webhook    Label Studio webhooks; training events start fine-tune jobs
 POST /train      legacy training request (same as the START_TRAINING webhook)
 POST /job_status status of a project's training job
@@ -166,7 +167,9 @@ def create_app(backend: ODISEBackend | None = None, settings: BackendSettings | 
         if not isinstance(label_config, str):
             raise _BadRequest('"label_config" is required')
         t0 = time.perf_counter()
-        results, version = backend.predict(tasks, label_config, data.get("project"))
+        params = data.get("params")
+        context = params.get("context") if isinstance(params, dict) else None
+        results, version = backend.predict(tasks, label_config, data.get("project"), context=context)
         metrics.predicted(len(tasks), sum("error" in r for r in results), time.perf_counter() - t0)
         return jsonify({"results": results, "model_version": version})
 

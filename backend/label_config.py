@@ -10,8 +10,9 @@ Supported control tags: PolygonLabels (polygons), BrushLabels (RLE masks) and Re
   into one region per class; things (person, car) get one region per instance.
 - ``ignore="true"``: the label stays available to annotators but the model never predicts it.
 
-Other control tags (Choices, TextArea, ...) are left alone. A config with nothing to predict
-raises LabelConfigError, which /setup reports to Label Studio.
+Other control tags (Choices, TextArea, KeyPointLabels, ...) are left alone, and so is a control
+with ``smartOnly="true"``: it is an interactive prompt tool (backend/interactive.py), not an
+output. A config with nothing to predict raises LabelConfigError, which /setup reports to Label Studio.
 """
 from __future__ import annotations
 
@@ -122,6 +123,9 @@ def parse_label_config(xml: str) -> ProjectConfig:
     controls: list[ControlSpec] = []
     skipped: list[str] = []
     for ctrl in interface.controls:
+        if (ctrl.attr.get("smartOnly") or "").strip().lower() in _TRUE:
+            skipped.append(f'<{ctrl.tag} name="{ctrl.name}"> (smartOnly: an interactive prompt tool)')
+            continue
         if ctrl.tag not in KINDS:
             if ctrl.tag in _UNLABELED:
                 skipped.append(f"<{ctrl.tag} name=\"{ctrl.name}\"> (use <{_UNLABELED[ctrl.tag]}> instead)")

@@ -21,6 +21,7 @@
 | MAX_IMAGE_MB | 50 | largest image file accepted |
 | ALLOW_LOCAL_PATHS | true | accept task image values that are paths on the backend host |
 | BASIC_AUTH_USER / BASIC_AUTH_PASS | unset | require HTTP basic auth (set the same in Label Studio's model connection) |
+| INTERACTIVE_CACHE_MB | 512 | memory kept for interactive answers (per-task query states, least recently used dropped first) |
 """
 from __future__ import annotations
 
@@ -35,8 +36,11 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Callable
 
+from backend.interactive import InteractionError, parse_context
+from backend.interactive_predict import InteractivePredictor
 from backend.jobs import JobManager, clone_for_training
 from backend.label_config import ImageTarget, LabelConfigError, ProjectConfig, parse_label_config
+from backend.query_cache import QueryStateCache
 from backend.results import ResultOptions, image_regions, task_score
 from backend.tasks import ImageFetcher, ImageFetchError
 from odise_core.types import RawPrediction
@@ -68,6 +72,7 @@ class BackendSettings:
     image_timeout: float = 30.0
     max_image_mb: float = 50.0
     allow_local_paths: bool = True
+    interactive_cache_mb: float = 512.0
 
     @classmethod
     def from_env(cls, environ: dict | None = None, **overrides: Any) -> "BackendSettings":
@@ -94,6 +99,7 @@ class BackendSettings:
             image_timeout=float(env.get("IMAGE_TIMEOUT", defaults.image_timeout)),
             max_image_mb=float(env.get("MAX_IMAGE_MB", defaults.max_image_mb)),
             allow_local_paths=_env_bool(env, "ALLOW_LOCAL_PATHS", defaults.allow_local_paths),
+            interactive_cache_mb=float(env.get("INTERACTIVE_CACHE_MB", defaults.interactive_cache_mb)),
         )
         for key, value in overrides.items():
             if value is not None:
@@ -165,6 +171,8 @@ class ODISEBackend:
         self._predict_lock = threading.Lock()
         self.jobs = JobManager(self.settings.model_dir, on_promoted=self._on_promoted,
                                base_preset=self.settings.preset, model_lock=self._predict_lock)
+        self.interactive = InteractivePredictor(QueryStateCache(int(self.settings.interactive_cache_mb * 2 ** 20)),
+                                                self._task_image, self._predict_lock, self.settings.result)
         self.state = ModelState.LOADING
         self.error: str | None = None
         self.model: Any = None
@@ -240,6 +248,7 @@ class ODISEBackend:
     def _on_promoted(self, project: str, version: str) -> None:
         with self._lock:
             self._project_models.pop(str(project), None)
+        self.interactive.cache.drop_project(str(project))
         log.info("project %s: next predictions use fine-tuned version %s", project, version)
 
     def model_version(self, project: str | None = None) -> str:
@@ -269,11 +278,23 @@ class ODISEBackend:
         self.fetcher.configure(hostname, access_token)
         return self.model_version(project_id_of(project))
 
-    def predict(self, tasks: list[dict], label_config: str, project: Any = None) -> tuple[list[dict], str]:
-        """One prediction (or error entry without "result") per task, in order, and the model version."""
+    def predict(self, tasks: list[dict], label_config: str, project: Any = None,
+                context: Any = None) -> tuple[list[dict], str]:
+        """One prediction (or error entry without "result") per task, in order, and the model version.
+
+        A `context` holding a smart-tool result (Label Studio's interactive-annotating call) is
+        answered with the region it points at instead of the full prediction."""
         config = self.parse_config(label_config)
-        version, model = self.model_for(project_id_of(project))
-        return [self.predict_task(task, config, model, version) for task in tasks], version
+        project_id = project_id_of(project)
+        version, model = self.model_for(project_id)
+        try:
+            interaction = parse_context(context)
+        except InteractionError as e:
+            return [{"error": str(e), "task": t.get("id"), "model_version": version} for t in tasks], version
+        if interaction is None:
+            return [self.predict_task(task, config, model, version) for task in tasks], version
+        return [self.interactive.answer(task, config, model, version, interaction, project_id)
+                for task in tasks], version
 
     def predict_task(self, task: dict, config: ProjectConfig, model: Any, version: str) -> dict:
         """Prediction of one task; any failure becomes an error entry so other tasks still get theirs."""
@@ -295,6 +316,12 @@ class ODISEBackend:
             return {"error": f"prediction failed: {type(e).__name__}: {e}", "task": task_id, "model_version": version}
 
     def _predict_image(self, task: dict, target: ImageTarget, model: Any) -> RawPrediction:
+        image = self._task_image(task, target)
+        with self._predict_lock:
+            return model.predict_raw(image, target.vocabulary, mode=self.settings.mode)
+
+    def _task_image(self, task: dict, target: ImageTarget) -> Any:
+        """The decoded image `target` shows for `task`."""
         data = task.get("data") or {}
         url = data.get(target.data_key)
         if url is None and "$undefined$" in data:
@@ -302,9 +329,7 @@ class ODISEBackend:
         if url is None:
             raise ValueError(f'task {task.get("id")} has no data field "{target.data_key}" '
                              f'needed by <Image name="{target.to_name}">')
-        image = self.fetcher.fetch(url, task_id=task.get("id"))
-        with self._predict_lock:
-            return model.predict_raw(image, target.vocabulary, mode=self.settings.mode)
+        return self.fetcher.fetch(url, task_id=task.get("id"))
 
     # ----------------------------------------------------------------- training
     def handle_webhook(self, event: str, payload: dict) -> dict:
