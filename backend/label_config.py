@@ -38,6 +38,14 @@ class LabelConfigError(ValueError):
     """The label config cannot be predicted for; the message says what to change."""
 
 
+def label_vocab_class(name: str, synonyms: tuple[str, ...] = (), is_thing: bool = True) -> VocabClass:
+    """A class for a Label Studio label, counted as seen in COCO training (base) ignoring case: Label
+    Studio labels are usually capitalised ("Person", "Dining Table"), which the reference's exact
+    match would count as novel."""
+    return VocabClass(name=name, synonyms=synonyms, is_thing=is_thing,
+                      is_base=seen_in_coco_training((name, *synonyms), case_sensitive=False))
+
+
 @dataclass(frozen=True)
 class LabelSpec:
     """One <Label>: its value in results and the names the model searches for."""
@@ -47,11 +55,7 @@ class LabelSpec:
     is_thing: bool = True
 
     def vocab_class(self) -> VocabClass:
-        """Base (seen in COCO training) ignoring case: Label Studio labels are usually capitalised
-        ("Person", "Dining Table"); the reference's exact match would count them as novel."""
-        names = (self.value, *self.synonyms)
-        return VocabClass(name=self.value, synonyms=self.synonyms, is_thing=self.is_thing,
-                          is_base=seen_in_coco_training(names, case_sensitive=False))
+        return label_vocab_class(self.value, self.synonyms, self.is_thing)
 
 
 @dataclass(frozen=True)

@@ -153,13 +153,14 @@ def _source(args: argparse.Namespace) -> Source:
     from odise_core.evaluation import load_coco_folder, merge_stuff
     from odise_core.preprocess import load_image
     from odise_core.training import TrainSample
-    from odise_core.vocabulary import VocabClass, Vocabulary
+    from backend.label_config import label_vocab_class
+    from odise_core.vocabulary import Vocabulary
 
     import numpy as np
 
     if args.coco is not None:
         ds = load_coco_folder(args.coco)
-        vocab = Vocabulary([VocabClass(n, (n,), t) for n, t in zip(ds.class_names, ds.is_thing)])
+        vocab = Vocabulary([label_vocab_class(n, (), t) for n, t in zip(ds.class_names, ds.is_thing)])
 
         def fetch_coco(fraction: float) -> Any:
             items = []
