@@ -54,6 +54,7 @@ def golden_config(pkg: Path, manifest: dict[str, Any]) -> ModelConfig:
     cfg.diffusion.empty_prompt = str(pkg / "weights" / "sd_constants.safetensors")
     cfg.clip.pretrained = str(pkg / spec["clip"]["pretrained"])
     cfg.checkpoint = str(pkg / spec["checkpoint"])
+    cfg.offline = True  # every file is local: never touch the network
     return cfg
 
 
