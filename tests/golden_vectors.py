@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from odise_core.config import ModelConfig, get_config
-from odise_core.head import geometric_mix
-from odise_core.model import ODISE
+from odise_core.modeling.head import geometric_mix
+from odise_core.modeling.odise import ODISE
+from odise_core.predictor import ODISEPredictor, build_predictor
 from odise_core.postprocess import resize_mask_logits, semantic_inference
 from odise_core.preprocess import load_image, prepare
 from odise_core.vocabulary import TextEmbeddingCache, VocabClass, Vocabulary
@@ -63,12 +64,12 @@ def golden_vocabulary(manifest: dict[str, Any]) -> Vocabulary:
     return Vocabulary([VocabClass(c["name"], tuple(c["synonyms"][1:]), c["is_thing"]) for c in manifest["vocabulary"]])
 
 
-def build_model(pkg: Path, manifest: dict[str, Any], **head_changes: Any) -> ODISE:
-    """ODISE.from_config on the golden weights (fp32, CPU, no disk text cache)."""
+def build_model(pkg: Path, manifest: dict[str, Any], **head_changes: Any) -> ODISEPredictor:
+    """The predictor on the golden weights (fp32, CPU, no disk text cache), built as every caller builds it."""
     cfg = golden_config(pkg, manifest)
     for key, value in head_changes.items():
         setattr(cfg.head, key, value)
-    return ODISE.from_config(cfg, device="cpu", text_cache=TextEmbeddingCache(None))
+    return build_predictor(cfg, device="cpu", text_cache=TextEmbeddingCache(None))
 
 
 @dataclass
@@ -110,8 +111,9 @@ def _window_captures(model: ODISE) -> tuple[list[torch.Tensor], list[list[torch.
 
 
 @torch.inference_mode()
-def run_image(model: ODISE, pkg: Path, manifest: dict[str, Any], name: str) -> Outputs:
-    """Every stage of odise_core on one golden image, then the whole `predict_raw` in each mode."""
+def run_image(predictor: ODISEPredictor, pkg: Path, manifest: dict[str, Any], name: str) -> Outputs:
+    """Every stage of the network on one golden image, then the predictor's whole `predict_raw` in each mode."""
+    model = predictor.model
     info = manifest["images"][name]
     vocab = golden_vocabulary(manifest)
     image = load_image(pkg / info["input"])
@@ -160,7 +162,7 @@ def run_image(model: ODISE, pkg: Path, manifest: dict[str, Any], name: str) -> O
     t["ensemble/log_probs_open"] = geometric_mix(heads["pred_logits"], t["maskclip/logits"], vocab.is_base,
                                                  model.cfg.head.alpha, model.cfg.head.beta)
 
-    raw = model.predict_raw(image, vocab, "panoptic")
+    raw = predictor.predict_raw(image, vocab, "panoptic")
     t["ensemble/class_probs"] = raw.class_probs[None]
     full = resize_mask_logits(raw.mask_logits, prep.resized_size, prep.resized_size, prep.original_size)
     t["postprocess/mask_logits_mean"] = full.flatten(1).mean(-1)
@@ -173,9 +175,9 @@ def run_image(model: ODISE, pkg: Path, manifest: dict[str, Any], name: str) -> O
     segments = [{"category_id": s.class_index, "isthing": s.is_thing, "score": s.score, "area": s.area}
                 for s in raw.segments]
     semantic = np.zeros(prep.original_size, dtype=np.int64)
-    for seg in model.predict(image, vocab, "semantic"):
+    for seg in predictor.predict(image, vocab, "semantic"):
         semantic[seg.mask] = seg.class_index
-    instances = model.predict(image, vocab, "instance")
+    instances = predictor.predict(image, vocab, "instance")
     t["instances/scores"] = torch.tensor([s.score for s in instances])
     t["instances/classes"] = torch.tensor([s.class_index for s in instances])
     t["instances/mask_area"] = torch.tensor([s.area for s in instances])

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from odise_core.config import get_config
-from odise_core.model import ODISE
+from odise_core.modeling.odise import ODISE
 from odise_core.vocabulary import TextEmbeddingCache
 
 
