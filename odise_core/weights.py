@@ -303,13 +303,13 @@ def _empty_prompt_embedding(kind: str, location: str, state: dict[str, torch.Ten
     return embedding
 
 
-def load_empty_prompt(path: str | Path) -> torch.Tensor:
+def load_empty_prompt(path: str | Path, where: WeightsLocation = DEFAULT_LOCATION) -> torch.Tensor:
     """SD's (1,77,C) empty-prompt encoding from a file: a tensor, or a dict with key "empty_prompt_embedding".
 
     For SD checkpoints without a text encoder (e.g. UNet + VAE only)."""
     source = Path(path).expanduser()
     if not source.is_file():
-        raise _missing(f"SD empty-prompt embedding {str(path)!r}", [str(source)], "no such file")
+        raise where.missing(f"SD empty-prompt embedding {str(path)!r}", [str(source)], "no such file")
     raw = _torch_load(source)
     tensor = raw.get("empty_prompt_embedding") if isinstance(raw, dict) else raw
     if not isinstance(tensor, torch.Tensor) or tensor.dim() != 3 or tensor.shape[:2] != (1, 77):
@@ -356,14 +356,14 @@ def load_stable_diffusion(
         empty = encode_empty_prompt(load_sd_text_encoder(cfg, where))
     elif kind == "file":
         unet, vae, state = _load_single_file(cfg, Path(location))
-        empty = load_empty_prompt(cfg.empty_prompt) if cfg.empty_prompt else _empty_prompt_embedding(
+        empty = load_empty_prompt(cfg.empty_prompt, where) if cfg.empty_prompt else _empty_prompt_embedding(
             kind, location, state, where)
         del state
     else:
         local_only = where.offline or kind == "dir"
         unet = UNet2DConditionModel.from_pretrained(location, subfolder="unet", local_files_only=local_only)
         vae = AutoencoderKL.from_pretrained(location, subfolder="vae", local_files_only=local_only)
-        empty = load_empty_prompt(cfg.empty_prompt) if cfg.empty_prompt else _empty_prompt_embedding(
+        empty = load_empty_prompt(cfg.empty_prompt, where) if cfg.empty_prompt else _empty_prompt_embedding(
             kind, location, None, where)
     if any(p.dtype != dtype for p in [*unet.parameters(), *vae.parameters()]):
         unet, vae = unet.to(dtype), vae.to(dtype)
