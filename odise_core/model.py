@@ -5,6 +5,7 @@ import functools
 import logging
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,11 @@ from odise_core.clip import ClipModel
 from odise_core.config import ModelConfig
 from odise_core.diffusion import DiffusionFeatureExtractor
 from odise_core.head import CategoryHead, clip_class_logits, geometric_ensemble
+from odise_core.phrase import phrase_probabilities
 from odise_core.mask_decoder import SemSegHead
 from odise_core.postprocess import instance_inference, panoptic_inference, resize_mask_logits, semantic_inference
 from odise_core.preprocess import Prepared, load_image, prepare
+from odise_core.query_state import QueryState, bounded_mask_logits
 from odise_core.training import SetCriterion
 from odise_core.types import RawPrediction, Segment
 from odise_core.vocabulary import TextEmbeddingCache, Vocabulary, is_base
@@ -73,6 +76,18 @@ def precision_plan(precision: str, device: torch.device) -> tuple[torch.dtype | 
     if device.type == "cpu" and (precision == "bf16" or cpu_has_native_bf16()):
         return None, torch.bfloat16
     return None, torch.float32
+
+
+@dataclass
+class _Forward:
+    """What one full pass computes, before any output mode."""
+
+    prep: Prepared
+    out: dict[str, Any]  # forward_heads' outputs
+    mask_logits: torch.Tensor  # (Q, h, w) at the resized size, unpadded
+    clip_embeds: torch.Tensor | None  # (1, Q, D) when kept
+    probs: torch.Tensor  # (Q, K+1)
+    timings: dict[str, float]
 
 
 class ODISE(nn.Module):
@@ -169,6 +184,8 @@ class ODISE(nn.Module):
         result = {
             "pred_masks": out["pred_masks"],
             "mask_embed": out["mask_embed"],
+            "logit_scale": out["logit_scale"],
+            "binary_logits": out.get("pred_logits"),  # the caption model's fg/bg logits, else None
             "pred_logits": self.category_head(out["mask_embed"], text, syn_to_class, k, logit_scale=out["logit_scale"],
                                               binary_logits=out.get("pred_logits")),
             "aux_outputs": [
@@ -192,11 +209,8 @@ class ODISE(nn.Module):
         autocast_dtype, _ = self.apply_precision()
         return torch.autocast(self.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
 
-    @torch.inference_mode()
-    def predict_raw(self, image: Any, vocab: Vocabulary, mode: str = "panoptic") -> RawPrediction:
-        """Segments plus per-query class probabilities and mask logits for one image."""
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    def _forward(self, image: Any, vocab: Vocabulary, keep_clip_embeds: bool = False) -> _Forward:
+        """One full pass: features, heads, MaskCLIP and the ensembled probabilities of one image."""
         if len(vocab) == 0:
             raise ValueError("the vocabulary is empty: give at least one class")
         timings: dict[str, float] = {}
@@ -219,18 +233,49 @@ class ODISE(nn.Module):
             masks = nn.functional.interpolate(out["pred_masks"].float(), size=(hp, wp), mode="bilinear",
                                               align_corners=False)[..., :h, :w]
             image01 = prep.tensor[..., :h, :w].to(self.device)
-            clip_logits = self.classify_with_clip(image01, masks, vocab)
+            clip_embeds = None
+            if keep_clip_embeds:  # the same logits as classify_with_clip, keeping the embeddings
+                clip_embeds = self.clip.mask_embeddings(image01, masks)
+                text, syn_to_class = self.text_embeddings(vocab, self.cfg.head.clip_prompt)
+                clip_logits = clip_class_logits(clip_embeds, text, syn_to_class, len(vocab))
+            else:
+                clip_logits = self.classify_with_clip(image01, masks, vocab)
             timings["clip_classifier"] = time.perf_counter() - t
 
         seen = is_base(vocab) | torch.tensor([n in self.trained_classes for n in vocab.names], dtype=torch.bool)
         probs = geometric_ensemble(out["pred_logits"].float(), clip_logits.float(), seen.to(self.device),
                                    self.cfg.head.alpha, self.cfg.head.beta)[0]
-        mask_logits = masks[0]
+        return _Forward(prep, out, masks[0], clip_embeds, probs, timings)
+
+    @torch.inference_mode()
+    def predict_raw(self, image: Any, vocab: Vocabulary, mode: str = "panoptic") -> RawPrediction:
+        """Segments plus per-query class probabilities and mask logits for one image."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        run = self._forward(image, vocab)
         t = time.perf_counter()
-        segments = self._postprocess(probs, mask_logits, vocab, prep, mode)
-        timings["postprocess"] = time.perf_counter() - t
-        return RawPrediction(segments=segments, class_probs=probs.cpu(), mask_logits=mask_logits.cpu(),
-                             image_size=prep.original_size, timings=timings)
+        segments = self._postprocess(run.probs, run.mask_logits, vocab, run.prep, mode)
+        run.timings["postprocess"] = time.perf_counter() - t
+        return RawPrediction(segments=segments, class_probs=run.probs.cpu(), mask_logits=run.mask_logits.cpu(),
+                             image_size=run.prep.original_size, timings=run.timings)
+
+    @torch.inference_mode()
+    def query_state(self, image: Any, vocab: Vocabulary) -> QueryState:
+        """One full pass keeping what interactive clicks, boxes and phrases need (odise_core/query_state.py).
+
+        The query mask logits cover the whole image at most MAX_MASK_SIDE pixels on a side; the
+        mask and MaskCLIP embeddings let phrase_probabilities() score a new phrase without the network.
+        """
+        run = self._forward(image, vocab, keep_clip_embeds=True)
+        binary = run.out["binary_logits"]
+        return QueryState(mask_logits=bounded_mask_logits(run.mask_logits), class_probs=run.probs.float().cpu(),
+                          mask_embed=run.out["mask_embed"][0].float().cpu(), clip_embeds=run.clip_embeds[0].float().cpu(),
+                          logit_scale=float(run.out["logit_scale"]), image_size=run.prep.original_size,
+                          binary_logits=None if binary is None else binary[0].float().cpu())
+
+    def phrase_probabilities(self, state: QueryState, vocab: Vocabulary, phrase: str) -> torch.Tensor:
+        """(Q, K+2) probabilities of `state`'s queries over `vocab` + `phrase` (class K) + no object."""
+        return phrase_probabilities(self, state, vocab, phrase)
 
     def predict(self, image: Any, vocab: Vocabulary, mode: str = "panoptic") -> list[Segment]:
         """Panoptic (or instance/semantic) segments of one image at its original size."""
