@@ -218,3 +218,14 @@ def test_shipped_interactive_config_predicts_polygons_and_keeps_the_smart_tools_
     tools = {c.name: c for c in interface.controls}
     assert {"click", "box", "prompt"} <= set(tools)
     assert set(tools["click"].labels) == set(tools["label"].labels) == set(tools["box"].labels)
+
+
+def test_a_click_keeps_only_the_parts_of_the_mask_it_fell_on():
+    from backend.interactive_predict import clicked_parts
+
+    mask = np.zeros((10, 20), bool)
+    mask[1:4, 1:5] = True  # part A
+    mask[6:9, 10:18] = True  # part B
+    assert np.array_equal(clicked_parts(mask, [(2, 2)]), mask & (np.arange(10)[:, None] < 5))
+    assert np.array_equal(clicked_parts(mask, [(2, 2), (12, 7)]), mask)
+    assert np.array_equal(clicked_parts(mask, [(19, 0)]), mask)  # on no part: the whole mask
