@@ -319,17 +319,14 @@ def export_tasks(tasks: Sequence[dict[str, Any]], label_config: str, out_dir: st
 # ----------------------------------------------------------------------------- command line
 def add_arguments(p: Any) -> None:
     """The `odise-ls export` flags."""
-    import os
+    from backend.ls_client import add_label_studio_flags
 
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--tasks", help="Label Studio JSON export, or the import JSON of `odise-ls prelabel --folder`")
     where.add_argument("--project", type=int, help="read the tasks of this Label Studio project")
     p.add_argument("--label-config", help="label config XML file (required with --tasks; read from the project "
                                           "otherwise)")
-    p.add_argument("--label-studio-url", default=os.environ.get("LABEL_STUDIO_URL"),
-                   help="Label Studio address (env LABEL_STUDIO_URL)")
-    p.add_argument("--api-key", default=os.environ.get("LABEL_STUDIO_API_KEY"),
-                   help="personal access token or legacy token (env LABEL_STUDIO_API_KEY)")
+    add_label_studio_flags(p)
     p.add_argument("--format", choices=[*FORMATS, "both"], default="both",
                    help="COCO panoptic (PNG + JSON), COCO instances (RLE JSON) or both")
     p.add_argument("--source", choices=SOURCES, default="predictions",
@@ -340,15 +337,15 @@ def add_arguments(p: Any) -> None:
 
 def run_command(args: Any) -> list[Path]:
     """`odise-ls export`: read tasks (file or project), write the COCO files; returns their JSON paths."""
-    if args.project is not None:
-        if not (args.label_studio_url and args.api_key):
-            raise ValueError("--project needs --label-studio-url and --api-key "
-                         "(or LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)")
-        from label_studio_sdk.client import LabelStudio
+    from backend.settings import BackendSettings
+    from backend.tasks import ImageFetcher
 
+    settings = BackendSettings.resolve(args)
+    if args.project is not None:
+        from backend.ls_client import make_client
         from backend.prelabel import project_tasks
 
-        client = LabelStudio(base_url=args.label_studio_url.rstrip("/"), api_key=args.api_key)
+        client = make_client(settings.label_studio_url, settings.api_key)
         xml = Path(args.label_config).read_text() if args.label_config else \
             client.projects.get(id=args.project).label_config
         tasks = project_tasks(client, args.project)
@@ -359,9 +356,7 @@ def run_command(args: Any) -> list[Path]:
         tasks = json.loads(Path(args.tasks).read_text())
         if isinstance(tasks, dict):
             tasks = [tasks]
-    from backend.tasks import ImageFetcher
-
-    fetcher = ImageFetcher(args.label_studio_url, args.api_key, cache_size=0)
+    fetcher = ImageFetcher(settings.label_studio_url, settings.api_key, cache_size=0)
     formats = FORMATS if args.format == "both" else (args.format,)
     return export_tasks(tasks, xml, args.out, formats=formats, source=args.source, model_version=args.model_version,
                         image_size=lambda task, url: fetcher.fetch(url, task_id=task.get("id")).shape[:2])

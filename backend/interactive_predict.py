@@ -18,8 +18,8 @@ from scipy import ndimage
 
 from backend.interactive import Interaction, InteractionError
 from backend.label_config import ControlSpec, ImageTarget, ProjectConfig
+from backend.ls_format import ResultOptions, segment_regions
 from backend.query_cache import CacheKey, QueryStateCache, image_digest
-from backend.results import ResultOptions, segment_regions
 from backend.tasks import ImageFetchError
 from odise_core.query_state import QueryState
 from odise_core.selection import Box, Click, select_box, select_click, select_phrase

@@ -11,15 +11,16 @@ import argparse
 import functools
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from backend.ls_client import LabelStudioAuthError, add_label_studio_flags
+from backend.settings import BackendSettings, add_model_dir_flag, add_model_flags, build_model
+
 log = logging.getLogger("odise-ls")
-DEFAULT_MODEL_DIR = Path.home() / ".cache" / "odise-label-studio" / "backend"
 
 
 class CommandError(RuntimeError):
@@ -33,7 +34,6 @@ class Source:
     key: str
     vocab: Any
     fetch: Callable[[float], Any]  # holdout_fraction -> TrainingData
-    ls: Any = None  # (client, project id, target, fetcher) for Label Studio sources
 
 
 def _add_source_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -41,15 +41,7 @@ def _add_source_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     src.add_argument("--project", type=int, help="Label Studio project id")
     src.add_argument("--coco", type=Path, help="COCO-format folder (annotations JSON + images)")
     p.add_argument("--key", help="project key for a COCO folder's model versions (default: folder name)")
-    p.add_argument("--label-studio-url", "--url", dest="label_studio_url", default=os.environ.get("LABEL_STUDIO_URL"),
-                   help="Label Studio URL (env LABEL_STUDIO_URL); --url is an older spelling")
-    p.add_argument("--api-key", default=os.environ.get("LABEL_STUDIO_API_KEY"),
-                   help="Label Studio access token (env LABEL_STUDIO_API_KEY)")
-
-
-def _add_model_dir_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model-dir", type=Path, default=Path(os.environ.get("MODEL_DIR") or DEFAULT_MODEL_DIR),
-                   help="fine-tuned model versions (env MODEL_DIR)")
+    add_label_studio_flags(p, older_url_spelling=True)
 
 
 def _add_version_arg(p: argparse.ArgumentParser) -> None:
@@ -57,20 +49,20 @@ def _add_version_arg(p: argparse.ArgumentParser) -> None:
                    help="model version to use: 'current' (the promoted one), 'base', or a name like v0003")
 
 
-def add_commands(sub: argparse._SubParsersAction, add_model_args: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register train, models, rank and evaluate."""
     p = sub.add_parser("train", help="fine-tune on a project's annotations; promote if better on held-out data")
     _add_source_args(p)
-    _add_model_dir_arg(p)
+    add_model_dir_flag(p)
     p.add_argument("--steps", type=int, default=200, help="optimizer steps")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
     p.add_argument("--holdout", type=float, default=0.2, help="fraction of annotated tasks held out for evaluation")
-    add_model_args(p)
+    add_model_flags(p)
     p.set_defaults(func=_run_train)
 
     p = sub.add_parser("models", help="list a project's model versions, or roll back")
     p.add_argument("key", help="project key (Label Studio project id, or the COCO folder key)")
-    _add_model_dir_arg(p)
+    add_model_dir_flag(p)
     p.add_argument("--rollback", nargs="?", const="previous", metavar="VERSION",
                    help="serve VERSION, or without a value the previously promoted version ('base' = base model)")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -82,17 +74,17 @@ def add_commands(sub: argparse._SubParsersAction, add_model_args: Callable[[argp
     p.add_argument("--labels", help='vocabulary for image files, e.g. "cat,dog,grass"')
     p.add_argument("--all", action="store_true", help="include already annotated tasks")
     p.add_argument("--limit", type=int, default=0, help="print only the first N")
-    _add_model_dir_arg(p)
+    add_model_dir_flag(p)
     _add_version_arg(p)
-    add_model_args(p)
+    add_model_flags(p)
     p.set_defaults(func=_run_rank)
 
     p = sub.add_parser("evaluate", help="PQ (things/stuff), mask AP and mIoU against accepted annotations")
     _add_source_args(p)
-    _add_model_dir_arg(p)
+    add_model_dir_flag(p)
     _add_version_arg(p)
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
-    add_model_args(p)
+    add_model_flags(p)
     p.set_defaults(func=_run_evaluate)
 
 
@@ -104,20 +96,20 @@ def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namesp
 
         try:
             return fn(args)
-        except (CommandError, WeightsMissingError, FileNotFoundError, KeyError, ValueError) as e:
+        except (CommandError, WeightsMissingError, LabelStudioAuthError, FileNotFoundError, KeyError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
 
     return run
 
 
-def _build_model(args: argparse.Namespace) -> Any:
-    from odise_core.config import get_config
-    from odise_core.model import ODISE
+def _build_model(args: argparse.Namespace) -> tuple[BackendSettings, Any, str]:
+    """The command's settings (flags > environment > defaults), the model they build and its base version."""
+    from backend.model import base_model_version
 
-    if getattr(args, "weights_dir", None):
-        os.environ["ODISE_WEIGHTS_DIR"] = args.weights_dir
-    return ODISE.from_config(get_config(args.preset), device=args.device)
+    settings = BackendSettings.resolve(args)
+    model = build_model(settings)
+    return settings, model, base_model_version(settings, model)
 
 
 def _use_version(model: Any, store: Any, key: str, version: str) -> str:
@@ -132,20 +124,24 @@ def _use_version(model: Any, store: Any, key: str, version: str) -> str:
     return name
 
 
+def _version_name(base: str, key: str, stored: str) -> str:
+    """The model version as the server names it: the base version, plus "+<key>-<stored>" for a fine-tune."""
+    from backend.model import version_name
+
+    return version_name(base, key, None if stored == "base" else stored)
+
+
 def _label_studio(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """(client, target, fetcher) of a Label Studio project."""
-    from label_studio_sdk.client import LabelStudio
-
     from backend.label_config import parse_label_config
+    from backend.ls_client import make_client
     from backend.tasks import ImageFetcher
 
-    if not args.label_studio_url or not args.api_key:
-        raise CommandError("--project needs --label-studio-url and --api-key "
-                           "(or LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY)")
-    client = LabelStudio(base_url=args.label_studio_url.rstrip("/"), api_key=args.api_key)
+    settings = BackendSettings.resolve(args)
+    client = make_client(settings.label_studio_url, settings.api_key)
     project = client.projects.get(id=args.project)
     target = parse_label_config(project.label_config).targets[0]
-    return client, target, ImageFetcher(args.label_studio_url, args.api_key)
+    return client, target, ImageFetcher(settings.label_studio_url, settings.api_key)
 
 
 def _source(args: argparse.Namespace) -> Source:
@@ -183,8 +179,7 @@ def _source(args: argparse.Namespace) -> Source:
             is_thing=[bool(t) for t in target.vocabulary.is_thing], holdout_fraction=fraction,
             from_names=[c.name for c in target.controls])
 
-    return Source(key=str(args.project), vocab=target.vocabulary, fetch=fetch_ls,
-                  ls=(client, args.project, target, fetcher))
+    return Source(key=str(args.project), vocab=target.vocabulary, fetch=fetch_ls)
 
 
 def _print_figures(r: Any) -> None:
@@ -205,12 +200,12 @@ def _run_train(args: argparse.Namespace) -> int:
     from odise_core.training import FinetuneOptions
 
     source = _source(args)
-    model = _build_model(args)
+    settings, model, base = _build_model(args)
     options = FinetuneOptions(steps=args.steps, lr=args.lr)
-    manager = JobManager(args.model_dir, policy=TrainPolicy(holdout_fraction=args.holdout),
-                         finetune_fn=functools.partial(run_finetune, options=options), base_preset=args.preset)
+    manager = JobManager(settings.model_dir, policy=TrainPolicy(holdout_fraction=args.holdout),
+                         finetune_fn=functools.partial(run_finetune, options=options), base_preset=settings.preset)
     serving = _use_version(model, manager.store, source.key, "current")
-    log.info("project %s: fine-tuning from %s", source.key, serving)
+    log.info("project %s: fine-tuning %s from %s", source.key, base, serving)
     job = manager.submit(source.key, source.fetch, model, source.vocab, reason="cli")
     with tqdm(total=args.steps, desc="train", unit="step") as bar:
         while not job.wait(0.5):
@@ -226,7 +221,8 @@ def _run_train(args: argparse.Namespace) -> int:
 def _run_models(args: argparse.Namespace) -> int:
     from backend.jobs import VersionStore
 
-    store = VersionStore(args.model_dir)
+    model_dir = BackendSettings.resolve(args).model_dir
+    store = VersionStore(model_dir)
     if args.rollback is not None:
         if args.rollback == "previous":
             now = store.rollback(args.key)
@@ -250,7 +246,7 @@ def _run_models(args: argparse.Namespace) -> int:
         print(json.dumps({"project": args.key, "current": current, "versions": rows}, indent=1))
         return 0
     if not rows:
-        print(f"project {args.key}: no fine-tuned versions in {args.model_dir}; the base model serves")
+        print(f"project {args.key}: no fine-tuned versions in {model_dir}; the base model serves")
         return 0
 
     def pq(v: Any) -> str:
@@ -292,11 +288,12 @@ def _run_rank(args: argparse.Namespace) -> int:
         vocab = Vocabulary.from_text(args.labels)
         items = [(i, p, functools.partial(load_image, p)) for i, p in enumerate(args.images)]
         key = args.key or ""
-    model = _build_model(args)
-    version = _use_version(model, VersionStore(args.model_dir), key, args.version) if key else "base"
+    settings, model, base = _build_model(args)
+    stored = _use_version(model, VersionStore(settings.model_dir), key, args.version) if key else "base"
+    version = _version_name(base, key, stored)
     scores, names, counts = [], {}, {}
     for item_id, name, load in tqdm(items, desc="rank", unit="img"):
-        raw = model.predict_raw(load(), vocab)
+        raw = model.predict_raw(load(), vocab, mode=settings.mode)
         scores.append((item_id, task_score(raw)))
         names[item_id], counts[item_id] = name, len(raw.segments)
     ranked = rank(scores)[: args.limit or None]
@@ -317,8 +314,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from odise_core.evaluation import Evaluator
 
     source = _source(args)
-    model = _build_model(args)
-    version = _use_version(model, VersionStore(args.model_dir), source.key, args.version)
+    settings, model, base = _build_model(args)
+    stored = _use_version(model, VersionStore(settings.model_dir), source.key, args.version)
+    version = _version_name(base, source.key, stored)
     data = source.fetch(0.0)
     samples = data.train + data.holdout
     if not samples:

@@ -1,110 +1,32 @@
-"""The ML backend: setup / predict / fit (webhook) on top of ODISE, configured by env vars.
+"""The ML backend: setup / predict / fit (webhook) on top of ODISE.
 
-| env var | default | meaning |
-|---|---|---|
-| PRESET | odise-label-coco | model preset (odise-label-coco, odise-caption-coco, tiny) |
-| DEVICE | auto | cpu, cuda, cuda:N, mps or auto |
-| FAST | false | process at the window size (one crop instead of four); part of the model version |
-| MODEL_DIR | ~/.cache/odise-label-studio/backend | fine-tuned versions per project (jobs.py) |
-| ODISE_WEIGHTS_DIR | ~/.cache/odise-label-studio | SD / CLIP / ODISE weights |
-| LABEL_STUDIO_URL | (from /setup) | Label Studio address for uploaded files and training data |
-| LABEL_STUDIO_API_KEY | (from /setup) | personal access token (refresh JWT) or legacy token |
-| PREDICTION_MODE | panoptic | panoptic, instance or semantic |
-| PRECISION | auto | auto: bf16/fp16 autocast on CUDA, frozen SD networks in bf16 on CPUs with native bf16 (AMX/AVX512-BF16), fp32 elsewhere; bf16: SD in bf16 on any CPU; fp32: float32 everywhere |
-| OVERLAP_THRESHOLD | 0.8 | panoptic: share of a query's mask it must win to become a region (reference config 0.8, its demo 0.0) |
-| POLYGON_TOLERANCE | 1.0 | polygon simplification in pixels (0 = exact pixel outline) |
-| MAX_POINTS | 500 | vertex cap per polygon |
-| MIN_AREA | 64 | smallest region (and polygon hole) in pixels |
-| SCORE_THRESHOLD | 0.0 | drop segments scoring below |
-| KEEP_HOLES | true | splice holes into polygons (false: fill them) |
-| IMAGE_TIMEOUT | 30 | seconds to download one image |
-| MAX_IMAGE_MB | 50 | largest image file accepted |
-| ALLOW_LOCAL_PATHS | true | accept task image values that are paths on the backend host |
-| BASIC_AUTH_USER / BASIC_AUTH_PASS | unset | require HTTP basic auth (set the same in Label Studio's model connection) |
-| INTERACTIVE_CACHE_MB | 512 | memory kept for interactive answers (per-task query states, least recently used dropped first) |
+Configured by `backend.settings.BackendSettings` (flags > environment > defaults; its module
+docstring lists the variables). The model version names everything that changes predictions:
+the preset, the trainable weights and a digest of the result-shaping settings.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
 from typing import Any, Callable
 
 from backend.interactive import InteractionError, parse_context
 from backend.interactive_predict import InteractivePredictor
 from backend.jobs import JobManager, clone_for_training
 from backend.label_config import ImageTarget, LabelConfigError, ProjectConfig, parse_label_config
+from backend.ls_format import image_regions, task_score
 from backend.query_cache import QueryStateCache
-from backend.results import ResultOptions, image_regions, task_score
+from backend.settings import BackendSettings, build_model
 from backend.tasks import ImageFetcher, ImageFetchError
 from odise_core.types import RawPrediction
 
 log = logging.getLogger(__name__)
 
 TRAIN_EVENTS = ("START_TRAINING", "ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
-
-
-def _env_bool(environ: dict, name: str, default: bool) -> bool:
-    value = environ.get(name)
-    return default if value is None else value.strip().lower() in ("1", "true", "yes", "on")
-
-
-@dataclass
-class BackendSettings:
-    """Everything the backend reads from its environment; see the module docstring."""
-
-    preset: str = "odise-label-coco"
-    device: str = "auto"
-    fast: bool = False
-    model_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "odise-label-studio" / "backend")
-    label_studio_url: str | None = None
-    api_key: str | None = None
-    mode: str = "panoptic"
-    overlap_threshold: float = 0.8
-    precision: str = "auto"
-    result: ResultOptions = field(default_factory=ResultOptions)
-    image_timeout: float = 30.0
-    max_image_mb: float = 50.0
-    allow_local_paths: bool = True
-    interactive_cache_mb: float = 512.0
-
-    @classmethod
-    def from_env(cls, environ: dict | None = None, **overrides: Any) -> "BackendSettings":
-        env = dict(os.environ if environ is None else environ)
-        defaults = cls()
-        result = ResultOptions(
-            tolerance=float(env.get("POLYGON_TOLERANCE", defaults.result.tolerance)),
-            max_points=int(env.get("MAX_POINTS", defaults.result.max_points)),
-            min_area=int(env.get("MIN_AREA", defaults.result.min_area)),
-            score_threshold=float(env.get("SCORE_THRESHOLD", defaults.result.score_threshold)),
-            keep_holes=_env_bool(env, "KEEP_HOLES", defaults.result.keep_holes),
-        )
-        settings = cls(
-            preset=env.get("PRESET", defaults.preset),
-            device=env.get("DEVICE", defaults.device),
-            fast=_env_bool(env, "FAST", defaults.fast),
-            model_dir=Path(env["MODEL_DIR"]) if env.get("MODEL_DIR") else defaults.model_dir,
-            label_studio_url=env.get("LABEL_STUDIO_URL") or env.get("LABEL_STUDIO_HOST") or None,
-            api_key=env.get("LABEL_STUDIO_API_KEY") or env.get("LABEL_STUDIO_ACCESS_TOKEN") or None,
-            mode=env.get("PREDICTION_MODE", defaults.mode),
-            overlap_threshold=float(env.get("OVERLAP_THRESHOLD", defaults.overlap_threshold)),
-            precision=env.get("PRECISION", defaults.precision),
-            result=result,
-            image_timeout=float(env.get("IMAGE_TIMEOUT", defaults.image_timeout)),
-            max_image_mb=float(env.get("MAX_IMAGE_MB", defaults.max_image_mb)),
-            allow_local_paths=_env_bool(env, "ALLOW_LOCAL_PATHS", defaults.allow_local_paths),
-            interactive_cache_mb=float(env.get("INTERACTIVE_CACHE_MB", defaults.interactive_cache_mb)),
-        )
-        for key, value in overrides.items():
-            if value is not None:
-                setattr(settings, key, value)
-        return settings
 
 
 class ModelState(str, Enum):
@@ -134,14 +56,19 @@ def weights_digest(model: Any) -> str:
     return h.hexdigest()[:8]
 
 
-def _default_factory(settings: BackendSettings) -> Any:
-    from odise_core.config import get_config
-    from odise_core.model import ODISE
+def base_model_version(settings: BackendSettings, model: Any) -> str:
+    """The base model's version: preset, fast marker, trainable-weights digest and result-settings digest.
 
-    cfg = get_config(settings.preset, fast=settings.fast)
-    cfg.head.overlap_threshold = settings.overlap_threshold
-    cfg.precision = settings.precision
-    return ODISE.from_config(cfg, device=settings.device)
+    Stable across restarts with the same weights and settings; changes whenever either would change
+    the predictions. Fine-tunes append "+<project>-vNNNN".
+    """
+    fast = "-fast" if settings.fast else ""
+    return f"odise-{settings.preset}{fast}-{weights_digest(model)}-s{settings.results_digest()}"
+
+
+def version_name(base: str, project: str | None, version: str | None) -> str:
+    """A served model version: the base version, plus "+<project>-<version>" for a project's fine-tune."""
+    return base if version is None else f"{base}+{project}-{version}"
 
 
 def project_id_of(project: Any) -> str | None:
@@ -163,7 +90,7 @@ class ODISEBackend:
     def __init__(self, settings: BackendSettings | None = None,
                  model_factory: Callable[[BackendSettings], Any] | None = None):
         self.settings = settings or BackendSettings.from_env()
-        self._factory = model_factory or _default_factory
+        self._factory = model_factory or build_model
         self.fetcher = ImageFetcher(self.settings.label_studio_url, self.settings.api_key,
                                     timeout=(5.0, self.settings.image_timeout),
                                     max_bytes=int(self.settings.max_image_mb * 2 ** 20),
@@ -197,11 +124,10 @@ class ODISEBackend:
     def _load(self) -> None:
         try:
             model = self._factory(self.settings)
-            digest = weights_digest(model)
+            version = base_model_version(self.settings, model)
             with self._lock:
                 self.model = model
-                fast = "-fast" if self.settings.fast else ""
-                self.base_version = f"odise-{self.settings.preset}{fast}-{digest}"
+                self.base_version = version
                 self.state = ModelState.READY
             self.load_seconds = time.time() - self._load_started
             log.info("model %s ready in %.1f s", self.base_version, self.load_seconds)
@@ -243,7 +169,7 @@ class ODISEBackend:
         return self._version_name(version, project), cached[1]
 
     def _version_name(self, version: str | None, project: str | None) -> str:
-        return self.base_version if version is None else f"{self.base_version}+{project}-{version}"
+        return version_name(self.base_version, project, version)
 
     def _on_promoted(self, project: str, version: str) -> None:
         with self._lock:
@@ -355,15 +281,13 @@ class ODISEBackend:
         return self.jobs.find(job_id)
 
     def _training_fetcher(self, project_id: int, target: ImageTarget) -> Callable[[float], Any]:
-        from label_studio_sdk.client import LabelStudio
-
         from backend.training_data import build_training_data, fetch_annotated_tasks
 
         if not (self.fetcher.ls_url and self.fetcher.auth):
             raise ValueError("training needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to read annotations")
 
         def fetch(holdout_fraction: float) -> Any:
-            client = LabelStudio(base_url=self.fetcher.ls_url, api_key=self.fetcher.auth.api_key)
+            client = self.fetcher.auth.client()
             tasks = fetch_annotated_tasks(client, project_id)
             return build_training_data(
                 tasks, target.vocabulary.names,

@@ -261,13 +261,13 @@ def add_arguments(p: Any) -> None:
     """The `odise-ls prelabel` flags (model flags are added by the CLI)."""
     import os
 
+    from backend.ls_client import add_label_studio_flags
+    from backend.settings import add_model_dir_flag
+
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--project", type=int, help="Label Studio project id: predictions are created on its tasks")
     where.add_argument("--folder", help="folder of images: predictions go to an import JSON (--out)")
-    p.add_argument("--label-studio-url", default=os.environ.get("LABEL_STUDIO_URL"),
-                   help="Label Studio address, e.g. http://localhost:8080 (env LABEL_STUDIO_URL)")
-    p.add_argument("--api-key", default=os.environ.get("LABEL_STUDIO_API_KEY"),
-                   help="personal access token or legacy token (env LABEL_STUDIO_API_KEY)")
+    add_label_studio_flags(p)
     config = p.add_mutually_exclusive_group()
     config.add_argument("--label-config", help="folder mode: the project's label config XML file")
     config.add_argument("--labels", help='folder mode: vocabulary instead of a config, e.g. "cat,dog:puppy,grass"')
@@ -278,8 +278,7 @@ def add_arguments(p: Any) -> None:
                    help="folder mode: Label Studio's local-files root on this machine (env LOCAL_FILES_DOCUMENT_ROOT; "
                         "default: the folder's parent)")
     p.add_argument("--url-prefix", default=LOCAL_FILES_PREFIX, help="folder mode: image URL prefix in the JSON")
-    p.add_argument("--model-dir", default=os.environ.get("MODEL_DIR"),
-                   help="fine-tuned model versions; a project's promoted version is used (env MODEL_DIR)")
+    add_model_dir_flag(p, "fine-tuned model versions; a project's promoted version is used")
     p.add_argument("--workers", type=int, default=2, help="image fetching threads")
     p.add_argument("--prefetch", type=int, default=4, help=f"images read ahead of the model (max {MAX_PREFETCH})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -288,34 +287,26 @@ def add_arguments(p: Any) -> None:
 def run_command(args: Any) -> PrelabelSummary:
     """`odise-ls prelabel`: build the backend from flags/env, run one mode, return the summary.
 
-    Raises ValueError (bad flags/config) or backend.model.ModelLoadFailed (weights missing).
+    Raises ValueError (bad flags/config), LabelStudioAuthError (no Label Studio credentials) or
+    backend.model.ModelLoadFailed (weights missing).
     """
-    import os
-
     from backend.label_config import make_label_config
-    from backend.model import BackendSettings, ModelLoadFailed, ODISEBackend
+    from backend.ls_client import make_client
+    from backend.model import ModelLoadFailed, ODISEBackend
+    from backend.settings import BackendSettings
 
-    if args.weights_dir:
-        os.environ["ODISE_WEIGHTS_DIR"] = args.weights_dir
     if not getattr(args, "verbose", False):
         logging.getLogger("backend.model").setLevel(logging.WARNING)  # one line per task would bury the bar
-    if args.project is not None and not (args.label_studio_url and args.api_key):
-        raise ValueError("--project needs --label-studio-url and --api-key "
-                         "(or LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)")
     if args.folder is not None and not (args.label_config or args.labels):
         raise ValueError("--folder needs --label-config FILE or --labels TEXT to know what to predict")
-    settings = BackendSettings.from_env(preset=args.preset, device=args.device,
-                                        label_studio_url=args.label_studio_url, api_key=args.api_key,
-                                        model_dir=Path(args.model_dir) if args.model_dir else None)
+    settings = BackendSettings.resolve(args)
+    client = make_client(settings.label_studio_url, settings.api_key) if args.project is not None else None
     backend = ODISEBackend(settings)
     backend.start_loading(background=False)
     if backend.error:
         raise ModelLoadFailed(backend.error)
     options = dict(workers=args.workers, prefetch=args.prefetch, progress=not args.no_progress)
-    if args.project is not None:
-        from label_studio_sdk.client import LabelStudio
-
-        client = LabelStudio(base_url=args.label_studio_url.rstrip("/"), api_key=args.api_key)
+    if client is not None:
         return prelabel_project(backend, client, args.project, **options)
     if args.label_config:
         xml = Path(args.label_config).read_text()

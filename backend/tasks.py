@@ -1,19 +1,16 @@
 """Resolve and fetch task images: Label Studio uploads and local files, cloud storage, http(s), data URIs, paths.
 
 Label Studio URLs (``/data/upload/...``, ``/data/local-files/?d=...``, storage proxies) are fetched from
-LABEL_STUDIO_URL with the API key. Label Studio 1.23 disables legacy tokens by default; a personal
-access token (a JWT refresh token) is exchanged at ``/api/token/refresh/`` for short-lived access
-tokens, renewed before they expire. A legacy token is sent as ``Authorization: Token <key>``.
+LABEL_STUDIO_URL with the API key (`backend.ls_client.LabelStudioAuth`: personal access token or
+legacy token).
 """
 from __future__ import annotations
 
 import base64
 import binascii
 import hashlib
-import json
 import logging
 import threading
-import time
 from collections import OrderedDict
 from pathlib import Path
 from urllib.parse import quote, unquote, urljoin, urlparse
@@ -22,6 +19,7 @@ import numpy as np
 import requests
 from PIL import Image
 
+from backend.ls_client import LabelStudioAuth, LabelStudioAuthError
 from odise_core.preprocess import load_image
 
 log = logging.getLogger(__name__)
@@ -32,57 +30,6 @@ CLOUD_SCHEMES = ("s3", "gs", "azure-blob", "gcs")
 
 class ImageFetchError(RuntimeError):
     """An image could not be resolved, downloaded or decoded; the message names the URL and the cause."""
-
-
-def _jwt_claims(token: str) -> dict | None:
-    """Unverified claims of a JWT, or None when `token` is not one."""
-    parts = token.split(".")
-    if len(parts) != 3:
-        return None
-    try:
-        payload = parts[1] + "=" * (-len(parts[1]) % 4)
-        claims = json.loads(base64.urlsafe_b64decode(payload))
-    except (binascii.Error, ValueError, UnicodeDecodeError):
-        return None
-    return claims if isinstance(claims, dict) else None
-
-
-class LabelStudioAuth:
-    """Authorization header for Label Studio: legacy token as-is, personal access token via refresh."""
-
-    REFRESH_MARGIN = 30.0  # seconds before expiry when an access token is renewed
-
-    def __init__(self, base_url: str, api_key: str, timeout: float = 10.0):
-        self.base_url = base_url.rstrip("/")
-        self.api_key = api_key.strip()
-        self.timeout = timeout
-        claims = _jwt_claims(self.api_key)
-        self.is_personal_token = bool(claims and claims.get("token_type") == "refresh")
-        self._access: str | None = None
-        self._expires = 0.0
-        self._lock = threading.Lock()
-
-    def header(self, force_refresh: bool = False) -> dict[str, str]:
-        if not self.is_personal_token:
-            return {"Authorization": f"Token {self.api_key}"}
-        with self._lock:
-            if force_refresh or self._access is None or time.time() > self._expires - self.REFRESH_MARGIN:
-                self._refresh()
-            return {"Authorization": f"Bearer {self._access}"}
-
-    def _refresh(self) -> None:
-        url = f"{self.base_url}/api/token/refresh/"
-        try:
-            r = requests.post(url, json={"refresh": self.api_key}, timeout=self.timeout)
-        except requests.RequestException as e:
-            raise ImageFetchError(f"cannot reach Label Studio at {self.base_url} to refresh the access token: {e}")
-        if r.status_code != 200:
-            raise ImageFetchError(
-                f"Label Studio rejected the personal access token at {url} (HTTP {r.status_code}): create a new one "
-                "in Account & Settings > Personal Access Token and set LABEL_STUDIO_API_KEY")
-        self._access = r.json()["access"]
-        claims = _jwt_claims(self._access) or {}
-        self._expires = float(claims.get("exp", time.time() + 300))
 
 
 class ImageFetcher:
@@ -202,8 +149,9 @@ class ImageFetcher:
                 raise ImageFetchError(
                     f"{_short(url)} needs Label Studio credentials: set LABEL_STUDIO_API_KEY (a personal access "
                     "token or, if enabled in the organization, a legacy token)")
-            headers.update(self.auth.header())
         try:
+            if with_auth:
+                headers.update(self.auth.header())
             r = self._get(url, headers)
             if r.status_code == 401 and with_auth and self.auth is not None and self.auth.is_personal_token:
                 r.close()
@@ -225,6 +173,8 @@ class ImageFetcher:
                     self._check_size(total, url)
                     chunks.append(chunk)
                 return b"".join(chunks)
+        except LabelStudioAuthError as e:
+            raise ImageFetchError(str(e)) from e
         except requests.Timeout as e:
             raise ImageFetchError(f"{_short(url)}: timed out after {self.timeout} s") from e
         except requests.RequestException as e:

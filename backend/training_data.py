@@ -1,24 +1,20 @@
 """Label Studio annotations -> training samples (per-instance masks with vocabulary class indices).
 
-Understands polygon (`points` in percent), brush (Label Studio RLE, decoded with label-studio-sdk)
-and rectangle (`x, y, width, height` in percent, `rotation` in degrees around the top-left corner)
-results. Per task the most recent annotation that is neither cancelled nor empty is used.
-A deterministic fraction of tasks, chosen by a hash of the task id (so a task never moves
+Polygon, brush and rectangle results are decoded to masks by `backend.ls_format.result_mask`.
+Per task the most recent annotation that is neither cancelled nor empty is used. A deterministic fraction of tasks, chosen by a hash of the task id (so a task never moves
 between the sets as the project grows), is held out for evaluation.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
-from PIL import Image
 
-from odise_core.geometry import polygons_to_mask
+from backend.ls_format import result_mask
 from odise_core.training import TrainSample
 
 log = logging.getLogger(__name__)
@@ -60,50 +56,6 @@ def _label_of(value: dict) -> str | None:
         labels = value.get(key)
         if labels:
             return str(labels[0])
-    return None
-
-
-def _polygon_mask(points: Sequence[Sequence[float]], h: int, w: int) -> np.ndarray:
-    xy = np.asarray(points, dtype=np.float64).reshape(-1, 2) * [w / 100.0, h / 100.0]
-    if len(xy) < 3:
-        return np.zeros((h, w), dtype=bool)
-    return polygons_to_mask([xy], h, w)
-
-
-def _rectangle_mask(value: dict, h: int, w: int) -> np.ndarray:
-    x, y = float(value["x"]) * w / 100.0, float(value["y"]) * h / 100.0
-    bw, bh = float(value["width"]) * w / 100.0, float(value["height"]) * h / 100.0
-    a = math.radians(float(value.get("rotation") or 0.0))
-    c, s = math.cos(a), math.sin(a)
-    corners = [(x + dx * c - dy * s, y + dx * s + dy * c) for dx, dy in ((0, 0), (bw, 0), (bw, bh), (0, bh))]
-    return polygons_to_mask([np.asarray(corners)], h, w)
-
-
-def _brush_mask(result: dict, value: dict, h: int, w: int) -> np.ndarray:
-    from label_studio_sdk.converter.brush import decode_rle
-
-    rle = value.get("rle") if value.get("rle") is not None else result.get("rle")
-    oh = int(result.get("original_height") or h)
-    ow = int(result.get("original_width") or w)
-    flat = decode_rle(rle)
-    if flat.size != oh * ow * 4:
-        raise ValueError(f"brush RLE decodes to {flat.size} values, expected {oh}x{ow}x4")
-    mask = flat.reshape(oh, ow, 4)[:, :, 3] > 0
-    if (oh, ow) != (h, w):
-        mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 127
-    return mask
-
-
-def result_mask(result: dict, h: int, w: int) -> np.ndarray | None:
-    """Mask (h, w) of one Label Studio result region, or None for types that carry no region."""
-    value = result.get("value") or {}
-    kind = str(result.get("type", "")).lower()
-    if "points" in value and kind in ("polygonlabels", "polygon", "labels", ""):
-        return _polygon_mask(value["points"], h, w)
-    if kind in ("brushlabels", "brush") or value.get("format") == "rle" or "rle" in result:
-        return _brush_mask(result, value, h, w)
-    if kind in ("rectanglelabels", "rectangle") or {"x", "y", "width", "height"} <= set(value):
-        return _rectangle_mask(value, h, w)
     return None
 
 

@@ -207,6 +207,8 @@ class ModelConfig:
     # the frozen SD networks in bf16 on CPUs with native bf16, fp32 otherwise; "bf16" = SD in bf16 on
     # any CPU; "fp32" = float32 everywhere (the reference pipeline's numbers).
     precision: str = "auto"
+    weights_dir: str | None = None  # where weights are looked up and cached; None = ~/.cache/odise-label-studio
+    offline: bool = False  # never touch the network (HF_HUB_OFFLINE is honoured as well)
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

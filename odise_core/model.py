@@ -110,7 +110,7 @@ class ODISE(nn.Module):
         self.criterion = SetCriterion(COCO_TRAIN_CLASSES if cfg.head.kind == "label" else 1)
         # class names a fine-tune trained on: ensembled like COCO's "seen in training" classes (alpha)
         self.trained_classes: set[str] = set()
-        self.text_cache = text_cache or TextEmbeddingCache(weights.weights_dir() / "text_embeddings")
+        self.text_cache = text_cache or TextEmbeddingCache(weights.weights_dir(cfg.weights_dir) / "text_embeddings")
         self.version = "random" if cfg.checkpoint is None else Path(str(cfg.checkpoint)).stem
         for p in self.clip.parameters():
             p.requires_grad_(False)
@@ -121,12 +121,13 @@ class ODISE(nn.Module):
                     text_cache: TextEmbeddingCache | None = None) -> "ODISE":
         """Build the model with the weights named by `cfg`; fails at once when weights are missing."""
         weights.check_weights_available(cfg)
+        where = weights.WeightsLocation.of(cfg)
         torch.manual_seed(cfg.seed)
-        clip = ClipModel(cfg.clip, weights.load_clip(cfg.clip))
-        unet, vae, empty = weights.load_stable_diffusion(cfg.diffusion)
+        clip = ClipModel(cfg.clip, weights.load_clip(cfg.clip, where))
+        unet, vae, empty = weights.load_stable_diffusion(cfg.diffusion, where=where)
         model = cls(cfg, clip, unet, vae, empty, text_cache=text_cache)
         if cfg.checkpoint is not None:
-            weights.load_odise_checkpoint(model, cfg.checkpoint)
+            weights.load_odise_checkpoint(model, cfg.checkpoint, where)
         model.eval()
         model = model.to(resolve_device(device))
         model.apply_precision()
@@ -145,7 +146,7 @@ class ODISE(nn.Module):
     @functools.cached_property
     def model_key(self) -> str:
         """Identifies the CLIP weights (source, and file size/mtime for local files) for the text cache."""
-        kind, location = weights.resolve_clip_source(self.cfg.clip)
+        kind, location = weights.resolve_clip_source(self.cfg.clip, weights.WeightsLocation.of(self.cfg))
         ident = location
         if kind == "file":
             stat = Path(location).stat()

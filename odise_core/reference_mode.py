@@ -40,12 +40,13 @@ class ReferenceEquivalentODISE(ODISE):
     def from_config(cls, cfg: ModelConfig, device: str | torch.device = "auto", text_cache: Any = None
                     ) -> "ReferenceEquivalentODISE":
         weights.check_weights_available(cfg)
+        where = weights.WeightsLocation.of(cfg)
         torch.manual_seed(cfg.seed)
-        clips = tuple(ClipModel(cfg.clip, weights.load_clip(cfg.clip)) for _ in range(3))
-        unet, vae, _ = weights.load_stable_diffusion(cfg.diffusion)
-        model = cls(cfg, clips, unet, vae, weights.load_sd_text_encoder(cfg.diffusion))
+        clips = tuple(ClipModel(cfg.clip, weights.load_clip(cfg.clip, where)) for _ in range(3))
+        unet, vae, _ = weights.load_stable_diffusion(cfg.diffusion, where=where)
+        model = cls(cfg, clips, unet, vae, weights.load_sd_text_encoder(cfg.diffusion, where))
         if cfg.checkpoint is not None:
-            weights.load_odise_checkpoint(model, cfg.checkpoint)
+            weights.load_odise_checkpoint(model, cfg.checkpoint, where)
         model.eval()
         return model.to(resolve_device(device))
 

@@ -1,15 +1,14 @@
 """Locate, fetch and load the frozen pretrained parts (SD v1.3, CLIP) and the ODISE checkpoints.
 
 Nothing here reaches the network when the weights are already on disk, and when they are not and
-the network is unavailable (HF_HUB_OFFLINE=1, ODISE_OFFLINE=1 or the host does not answer within a
-few seconds), a `WeightsMissingError` names what is missing, where it looked and how to supply it.
+the network is unavailable (`WeightsLocation.offline`, HF_HUB_OFFLINE=1, or the host does not answer
+within a few seconds), a `WeightsMissingError` names what is missing, where it looked and how to supply it.
 
-Environment variables:
-  ODISE_WEIGHTS_DIR   cache dir for downloads and derived constants (default ~/.cache/odise-label-studio)
-  ODISE_SD_WEIGHTS    Stable Diffusion v1.3: diffusers dir, single-file .ckpt/.safetensors or hub id
-  ODISE_CLIP_WEIGHTS  CLIP ViT-L-14-336: open_clip tag (e.g. "openai") or a local weights file
-  ODISE_CHECKPOINT    ODISE trainable weights: URL or local .pth
-  HF_HUB_OFFLINE / ODISE_OFFLINE   never touch the network
+Sources and places come from the configuration, never from the environment (the backend's settings
+map ODISE_WEIGHTS_DIR, ODISE_SD_WEIGHTS, ODISE_CLIP_WEIGHTS, ODISE_CHECKPOINT and ODISE_OFFLINE onto
+it): `DiffusionConfig.pretrained`, `ClipConfig.pretrained`, `ModelConfig.checkpoint`, and
+`ModelConfig.weights_dir` / `ModelConfig.offline` (a `WeightsLocation`). HF_HUB_OFFLINE is the hub
+library's own switch and is honoured as the hub reads it.
 """
 from __future__ import annotations
 
@@ -18,6 +17,7 @@ import logging
 import os
 import socket
 import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,10 +31,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-ENV_WEIGHTS_DIR = "ODISE_WEIGHTS_DIR"
-ENV_SD = "ODISE_SD_WEIGHTS"
-ENV_CLIP = "ODISE_CLIP_WEIGHTS"
-ENV_CHECKPOINT = "ODISE_CHECKPOINT"
+DEFAULT_WEIGHTS_DIR = Path.home() / ".cache" / "odise-label-studio"
 SD_CKPT_NAME = "sd-v1-3.ckpt"
 SD_DIFFUSERS_DIR_NAME = "stable-diffusion-v1-3"
 OPENAI_CLIP_FILES = {"ViT-L-14-336": "ViT-L-14-336px.pt"}
@@ -69,14 +66,14 @@ IGNORED_CHECKPOINT_PREFIXES = (
     "pixel_std",
 )
 
-def how_to_supply() -> str:
+def how_to_supply(root: Path | None = None) -> str:
     """The one-line instructions every WeightsMissingError ends with."""
     return (
-        "Supply the weights with the CLI flags or these environment variables: "
-        f"{ENV_SD}=<diffusers dir | sd-v1-3.ckpt | hub id>, {ENV_CLIP}=<file | open_clip tag>, "
-        f"{ENV_CHECKPOINT}=<.pth path | URL>, or place them in {weights_dir()} (set by {ENV_WEIGHTS_DIR}): "
-        f"{SD_CKPT_NAME} or {SD_DIFFUSERS_DIR_NAME}/, clip/ViT-L-14-336px.pt, checkpoints/<name>.pth. "
-        "Use --preset tiny for random weights."
+        "Supply the weights with --weights-dir or these environment variables: "
+        "ODISE_SD_WEIGHTS=<diffusers dir | sd-v1-3.ckpt | hub id>, ODISE_CLIP_WEIGHTS=<file | open_clip tag>, "
+        f"ODISE_CHECKPOINT=<.pth path | URL>, or place them in {root or DEFAULT_WEIGHTS_DIR} "
+        f"(--weights-dir / ODISE_WEIGHTS_DIR): {SD_CKPT_NAME} or {SD_DIFFUSERS_DIR_NAME}/, "
+        "clip/ViT-L-14-336px.pt, checkpoints/<name>.pth. Use --preset tiny for random weights."
     )
 
 
@@ -84,23 +81,48 @@ class WeightsMissingError(RuntimeError):
     """Pretrained weights are not on disk and cannot be downloaded now."""
 
 
-def weights_dir() -> Path:
-    """Cache directory for weights and derived constants (ODISE_WEIGHTS_DIR)."""
-    path = os.environ.get(ENV_WEIGHTS_DIR) or Path.home() / ".cache" / "odise-label-studio"
-    return Path(path).expanduser()
+def weights_dir(root: str | Path | None = None) -> Path:
+    """Cache directory for weights and derived constants: `root`, or ~/.cache/odise-label-studio."""
+    return Path(root).expanduser() if root else DEFAULT_WEIGHTS_DIR
 
 
-def _offline() -> bool:
-    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("ODISE_OFFLINE", ""))
-    return any(f.strip().lower() in ("1", "true", "yes", "on") for f in flags)
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE as the hub library parses it, read now (tests and tools may set it late)."""
+    from huggingface_hub.constants import ENV_VARS_TRUE_VALUES
+
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ENV_VARS_TRUE_VALUES
 
 
+@dataclass(frozen=True)
+class WeightsLocation:
+    """Where weights are looked up and cached, and whether the network may be used."""
+
+    root: Path = DEFAULT_WEIGHTS_DIR
+    offline_flag: bool = False
+
+    @classmethod
+    def of(cls, cfg: ModelConfig) -> "WeightsLocation":
+        return cls(weights_dir(cfg.weights_dir), cfg.offline)
+
+    @property
+    def offline(self) -> bool:
+        return self.offline_flag or _hub_offline()
+
+    def why_missing(self, host: str) -> str:
+        return "offline (ODISE_OFFLINE/HF_HUB_OFFLINE)" if self.offline else f"{host} unreachable"
+
+    def missing(self, what: str, looked: list[str], why: str) -> WeightsMissingError:
+        where = "; ".join(looked) if looked else "nowhere"
+        return WeightsMissingError(f"{what} not found ({why}). Looked in: {where}. {how_to_supply(self.root)}")
+
+
+DEFAULT_LOCATION = WeightsLocation()
 _REACHABLE: dict[str, bool] = {}
 
 
-def _reachable(host: str) -> bool:
+def _reachable(host: str, where: WeightsLocation) -> bool:
     """Whether `host`:443 accepts a TCP connection within CONNECT_TIMEOUT (cached per process)."""
-    if _offline():
+    if where.offline:
         return False
     if host not in _REACHABLE:
         try:
@@ -109,11 +131,6 @@ def _reachable(host: str) -> bool:
         except OSError:
             _REACHABLE[host] = False
     return _REACHABLE[host]
-
-
-def _missing(what: str, looked: list[str], why: str) -> WeightsMissingError:
-    where = "; ".join(looked) if looked else "nowhere"
-    return WeightsMissingError(f"{what} not found ({why}). Looked in: {where}. {how_to_supply()}")
 
 
 def _is_url(s: str) -> bool:
@@ -135,9 +152,9 @@ def _hf_cached(repo_id: str, filename: str, cache_dir: Path | None = None) -> bo
 # ---------------------------------------------------------------------------------------- SD
 
 
-def resolve_sd_source(cfg: DiffusionConfig) -> tuple[str, str]:
-    """Return (kind, location) of the SD weights: kind is "dir", "file" or "hub"."""
-    source = os.environ.get(ENV_SD) or cfg.pretrained
+def resolve_sd_source(cfg: DiffusionConfig, where: WeightsLocation = DEFAULT_LOCATION) -> tuple[str, str]:
+    """Return (kind, location) of the SD weights: kind is "random", "dir", "file" or "hub"."""
+    source = cfg.pretrained
     if source is None:
         return "random", ""
     path = Path(source).expanduser()
@@ -146,17 +163,16 @@ def resolve_sd_source(cfg: DiffusionConfig) -> tuple[str, str]:
     if path.is_file():
         return "file", str(path)
     if _looks_like_path(source):
-        raise _missing(f"Stable Diffusion weights {source!r}", [str(path)], "no such file or directory")
-    local_dir, local_ckpt = weights_dir() / SD_DIFFUSERS_DIR_NAME, weights_dir() / SD_CKPT_NAME
+        raise where.missing(f"Stable Diffusion weights {source!r}", [str(path)], "no such file or directory")
+    local_dir, local_ckpt = where.root / SD_DIFFUSERS_DIR_NAME, where.root / SD_CKPT_NAME
     if (local_dir / "unet" / "config.json").is_file():
         return "dir", str(local_dir)
     if local_ckpt.is_file():
         return "file", str(local_ckpt)
     looked = [str(local_dir), str(local_ckpt), f"Hugging Face cache for {source}"]
-    if _hf_cached(source, "unet/config.json") or _reachable(HF_HOST):
+    if _hf_cached(source, "unet/config.json") or _reachable(HF_HOST, where):
         return "hub", source
-    why = "offline (HF_HUB_OFFLINE/ODISE_OFFLINE)" if _offline() else f"{HF_HOST} unreachable"
-    raise _missing(f"Stable Diffusion v1.3 ({source})", looked, why)
+    raise where.missing(f"Stable Diffusion v1.3 ({source})", looked, where.why_missing(HF_HOST))
 
 
 def _seeded_init(seed: int, build: Any) -> Any:
@@ -184,14 +200,14 @@ def _torch_load(path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
 
 
-def _empty_prompt_cache_path(kind: str, location: str) -> Path:
+def _empty_prompt_cache_path(kind: str, location: str, where: WeightsLocation) -> Path:
     ident = location
     if kind in ("dir", "file"):
         p = Path(location).resolve()
         stat = (p / "text_encoder").stat() if kind == "dir" and (p / "text_encoder").exists() else p.stat()
         ident = f"{p}:{stat.st_size}:{int(stat.st_mtime)}"
     digest = hashlib.sha1(ident.encode()).hexdigest()[:16]
-    return weights_dir() / "sd-empty-prompt" / f"{digest}.pt"
+    return where.root / "sd-empty-prompt" / f"{digest}.pt"
 
 
 def sd_text_encoder_config(cfg: DiffusionConfig) -> dict[str, Any]:
@@ -203,11 +219,11 @@ def sd_text_encoder_config(cfg: DiffusionConfig) -> dict[str, Any]:
             "num_attention_heads": max(1, width // 32), "projection_dim": width}
 
 
-def load_sd_text_encoder(cfg: DiffusionConfig) -> nn.Module:
+def load_sd_text_encoder(cfg: DiffusionConfig, where: WeightsLocation = DEFAULT_LOCATION) -> nn.Module:
     """SD's own text encoder (frozen), from the same source as the UNet/VAE; seeded random when pretrained=None."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    kind, location = resolve_sd_source(cfg)
+    kind, location = resolve_sd_source(cfg, where)
     if kind == "random":
         encoder = _seeded_init(cfg.noise_seed + 2, lambda: CLIPTextModel(CLIPTextConfig(**sd_text_encoder_config(cfg))))
     elif kind == "file":
@@ -215,7 +231,7 @@ def load_sd_text_encoder(cfg: DiffusionConfig) -> nn.Module:
         encoder = _text_encoder_from_state(raw.get("state_dict", raw))
     else:
         encoder = CLIPTextModel.from_pretrained(location, subfolder="text_encoder",
-                                                local_files_only=_offline() or kind == "dir")
+                                                local_files_only=where.offline or kind == "dir")
     return _freeze(encoder)
 
 
@@ -267,9 +283,10 @@ def _text_encoder_from_state(state: dict[str, torch.Tensor]) -> nn.Module:
     return model.eval()
 
 
-def _empty_prompt_embedding(kind: str, location: str, state: dict[str, torch.Tensor] | None) -> torch.Tensor:
+def _empty_prompt_embedding(kind: str, location: str, state: dict[str, torch.Tensor] | None,
+                            where: WeightsLocation) -> torch.Tensor:
     """SD's (1,77,768) encoding of "": computed once with SD's text encoder, then cached on disk."""
-    cache = _empty_prompt_cache_path(kind, location)
+    cache = _empty_prompt_cache_path(kind, location, where)
     if cache.is_file():
         return torch.load(cache, map_location="cpu", weights_only=True)
     if state is not None:
@@ -277,7 +294,7 @@ def _empty_prompt_embedding(kind: str, location: str, state: dict[str, torch.Ten
     else:
         from transformers import CLIPTextModel
 
-        encoder = CLIPTextModel.from_pretrained(location, subfolder="text_encoder", local_files_only=_offline())
+        encoder = CLIPTextModel.from_pretrained(location, subfolder="text_encoder", local_files_only=where.offline)
     embedding = encode_empty_prompt(encoder)
     del encoder
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -313,25 +330,25 @@ def _load_single_file(cfg: DiffusionConfig, path: Path) -> tuple[nn.Module, nn.M
 
 
 def load_stable_diffusion(
-    cfg: DiffusionConfig, dtype: torch.dtype = torch.float32
+    cfg: DiffusionConfig, dtype: torch.dtype = torch.float32, where: WeightsLocation = DEFAULT_LOCATION
 ) -> tuple["UNet2DConditionModel", "AutoencoderKL", torch.Tensor]:
     """Return frozen (unet, vae, empty_prompt_embedding (1,77,C)); random weights when cfg.pretrained is None."""
-    kind, location = resolve_sd_source(cfg)
+    kind, location = resolve_sd_source(cfg, where)
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     if kind == "random":
         unet = _seeded_init(cfg.noise_seed, lambda: UNet2DConditionModel(**cfg.unet))
         vae = _seeded_init(cfg.noise_seed + 1, lambda: AutoencoderKL(**cfg.vae))
-        empty = encode_empty_prompt(load_sd_text_encoder(cfg))
+        empty = encode_empty_prompt(load_sd_text_encoder(cfg, where))
     elif kind == "file":
         unet, vae, state = _load_single_file(cfg, Path(location))
-        empty = _empty_prompt_embedding(kind, location, state)
+        empty = _empty_prompt_embedding(kind, location, state, where)
         del state
     else:
-        local_only = _offline() or kind == "dir"
+        local_only = where.offline or kind == "dir"
         unet = UNet2DConditionModel.from_pretrained(location, subfolder="unet", local_files_only=local_only)
         vae = AutoencoderKL.from_pretrained(location, subfolder="vae", local_files_only=local_only)
-        empty = _empty_prompt_embedding(kind, location, None)
+        empty = _empty_prompt_embedding(kind, location, None, where)
     if any(p.dtype != dtype for p in [*unet.parameters(), *vae.parameters()]):
         unet, vae = unet.to(dtype), vae.to(dtype)
     unet, vae = _freeze(unet), _freeze(vae)
@@ -342,39 +359,38 @@ def load_stable_diffusion(
 # -------------------------------------------------------------------------------------- CLIP
 
 
-def resolve_clip_source(cfg: ClipConfig) -> tuple[str, str]:
+def resolve_clip_source(cfg: ClipConfig, where: WeightsLocation = DEFAULT_LOCATION) -> tuple[str, str]:
     """Return (kind, location) of the CLIP weights: kind is "random", "file" or "tag"."""
-    source = os.environ.get(ENV_CLIP) or cfg.pretrained
+    source = cfg.pretrained
     if source is None:
         return "random", ""
     path = Path(source).expanduser()
     if path.is_file():
         return "file", str(path)
     if _looks_like_path(source):
-        raise _missing(f"CLIP weights {source!r}", [str(path)], "no such file")
+        raise where.missing(f"CLIP weights {source!r}", [str(path)], "no such file")
     looked = []
     local_name = OPENAI_CLIP_FILES.get(cfg.model_name)
     if source == "openai" and local_name:
-        for candidate in (weights_dir() / "clip" / local_name, Path.home() / ".cache" / "clip" / local_name):
+        for candidate in (where.root / "clip" / local_name, Path.home() / ".cache" / "clip" / local_name):
             if candidate.is_file():
                 return "file", str(candidate)
             looked.append(str(candidate))
     pcfg = KNOWN_CLIP_SOURCES.get((cfg.model_name, source)) or _open_clip_pretrained_cfg(cfg.model_name, source)
     if not pcfg:
-        raise WeightsMissingError(f"open_clip has no pretrained tag {source!r} for {cfg.model_name}. {how_to_supply()}")
+        raise WeightsMissingError(f"open_clip has no pretrained tag {source!r} for {cfg.model_name}. {how_to_supply(where.root)}")
     hub = (pcfg.get("hf_hub") or "").strip("/")
     if hub:
         looked.append(f"Hugging Face cache for {hub}")
         files = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-        if any(_hf_cached(hub, f, weights_dir() / "clip") for f in files):
+        if any(_hf_cached(hub, f, where.root / "clip") for f in files):
             return "tag", source
     url = pcfg.get("url") or ""
     hosts = [HF_HOST] if hub else []
     hosts += [urllib.parse.urlparse(url).hostname] if url else []
-    if any(h and _reachable(h) for h in hosts):
+    if any(h and _reachable(h, where) for h in hosts):
         return "tag", source
-    why = "offline (HF_HUB_OFFLINE/ODISE_OFFLINE)" if _offline() else "download hosts unreachable"
-    raise _missing(f"CLIP {cfg.model_name} weights ({source})", looked, why)
+    raise where.missing(f"CLIP {cfg.model_name} weights ({source})", looked, where.why_missing("download hosts"))
 
 
 def _open_clip_pretrained_cfg(model_name: str, tag: str) -> dict[str, Any]:
@@ -383,11 +399,11 @@ def _open_clip_pretrained_cfg(model_name: str, tag: str) -> dict[str, Any]:
     return dict(open_clip.get_pretrained_cfg(model_name, tag) or {})
 
 
-def load_clip(cfg: ClipConfig) -> nn.Module:
+def load_clip(cfg: ClipConfig, where: WeightsLocation = DEFAULT_LOCATION) -> nn.Module:
     """Return a frozen open_clip CLIP model (open_clip tag, local file, or random/custom config)."""
     import open_clip
 
-    kind, location = resolve_clip_source(cfg)
+    kind, location = resolve_clip_source(cfg, where)
     if kind == "random":
         if cfg.custom is not None:
             model = _seeded_init(0, lambda: open_clip.CLIP(**cfg.custom))
@@ -398,7 +414,7 @@ def load_clip(cfg: ClipConfig) -> nn.Module:
     else:
         model = open_clip.create_model(
             cfg.model_name, pretrained=location, force_quick_gelu=location == "openai" or kind == "file",
-            cache_dir=str(weights_dir() / "clip"),
+            cache_dir=str(where.root / "clip"),
         )
     logger.info("CLIP %s loaded (%s %s)", cfg.model_name, kind, location or "random weights")
     return _freeze(model.float())
@@ -417,26 +433,28 @@ def _is_torchscript(path: Path) -> bool:
 # ------------------------------------------------------------------------- ODISE checkpoint
 
 
-def _checkpoint_cache(url: str) -> Path:
-    return weights_dir() / "checkpoints" / Path(urllib.parse.urlparse(url).path).name
+def _checkpoint_cache(url: str, where: WeightsLocation) -> Path:
+    return where.root / "checkpoints" / Path(urllib.parse.urlparse(url).path).name
 
 
-def fetch_checkpoint(url_or_path: str) -> Path:
-    """Return a local path for an ODISE checkpoint, downloading a URL into weights_dir()/checkpoints."""
-    source = os.environ.get(ENV_CHECKPOINT) or url_or_path
+def fetch_checkpoint(source: str, where: WeightsLocation = DEFAULT_LOCATION, download: bool = True) -> Path:
+    """A local path for an ODISE checkpoint, downloading a URL into <weights dir>/checkpoints.
+
+    With download=False only checks that a URL is cached or downloadable (the returned path may not exist yet).
+    """
     if not _is_url(source):
         path = Path(source).expanduser()
         if not path.is_file():
-            raise _missing(f"ODISE checkpoint {source!r}", [str(path)], "no such file")
+            raise where.missing(f"ODISE checkpoint {source!r}", [str(path)], "no such file")
         return path
-    dest = _checkpoint_cache(source)
+    dest = _checkpoint_cache(source, where)
     if dest.is_file():
         return dest
     host = urllib.parse.urlparse(source).hostname or ""
-    if not _reachable(host):
-        why = "offline (HF_HUB_OFFLINE/ODISE_OFFLINE)" if _offline() else f"{host} unreachable"
-        raise _missing(f"ODISE checkpoint {source}", [str(dest)], why)
-    _download(source, dest)
+    if not _reachable(host, where):
+        raise where.missing(f"ODISE checkpoint {source}", [str(dest)], where.why_missing(host))
+    if download:
+        _download(source, dest)
     return dest
 
 
@@ -482,9 +500,9 @@ def state_dict_mismatch(expected: dict[str, torch.Tensor], state: dict[str, torc
             f"{len(mismatched)} shape mismatches {mismatched[:10]}")
 
 
-def load_odise_checkpoint(model: nn.Module, url_or_path: str) -> None:
+def load_odise_checkpoint(model: nn.Module, url_or_path: str, where: WeightsLocation = DEFAULT_LOCATION) -> None:
     """Load ckpt["model"] into `model.trainable_state_dict()` keys strictly (raise on any mismatch)."""
-    path = fetch_checkpoint(url_or_path)
+    path = fetch_checkpoint(url_or_path, where)
     raw = _torch_load(path)
     state = raw.get("model", raw) if isinstance(raw, dict) else raw
     ignored = [k for k in state if k.startswith(IGNORED_CHECKPOINT_PREFIXES)]
@@ -499,28 +517,16 @@ def load_odise_checkpoint(model: nn.Module, url_or_path: str) -> None:
 
 def check_weights_available(cfg: ModelConfig) -> None:
     """Fail at once, with one message listing every missing artefact, before any model is built."""
+    where = WeightsLocation.of(cfg)
     problems = []
-    checks = [lambda: resolve_sd_source(cfg.diffusion), lambda: resolve_clip_source(cfg.clip)]
+    checks = [lambda: resolve_sd_source(cfg.diffusion, where), lambda: resolve_clip_source(cfg.clip, where)]
     if cfg.checkpoint is not None:
-        checks.append(lambda: _check_checkpoint(cfg.checkpoint))
+        checks.append(lambda: fetch_checkpoint(cfg.checkpoint, where, download=False))
     for check in checks:
         try:
             check()
         except WeightsMissingError as exc:
-            problems.append(str(exc).replace(f" {how_to_supply()}", ""))
+            problems.append(str(exc).replace(f" {how_to_supply(where.root)}", ""))
     if problems:
         raise WeightsMissingError(f"preset {cfg.name!r} cannot load its weights:\n- " + "\n- ".join(problems)
-                                  + f"\n{how_to_supply()}")
-
-
-def _check_checkpoint(url_or_path: str) -> None:
-    """Like fetch_checkpoint, but only checks that a URL is cached or downloadable."""
-    source = os.environ.get(ENV_CHECKPOINT) or url_or_path
-    if not _is_url(source):
-        fetch_checkpoint(source)
-        return
-    dest = _checkpoint_cache(source)
-    host = urllib.parse.urlparse(source).hostname or ""
-    if not dest.is_file() and not _reachable(host):
-        why = "offline (HF_HUB_OFFLINE/ODISE_OFFLINE)" if _offline() else f"{host} unreachable"
-        raise _missing(f"ODISE checkpoint {source}", [str(dest)], why)
+                                  + f"\n{how_to_supply(where.root)}")

@@ -1,19 +1,216 @@
-"""Backend settings reach the model they build."""
+"""Settings: flags > environment > defaults reach the model every command builds; the model version follows them."""
 from __future__ import annotations
 
-import pytest
+import dataclasses
+import json
+import os
+import threading
+from pathlib import Path
 
-from backend.model import BackendSettings, _default_factory
+import pytest
+from PIL import Image
+
+from backend.cli import build_parser, main
+from backend.ls_format import ResultOptions
+from backend.model import base_model_version, weights_digest
+from backend.settings import BackendSettings, SettingsError, build_model, parse_bool
+from odise_core.synthetic import CLASS_NAMES, make_dataset
+
+ENV = {"OVERLAP_THRESHOLD": "0.3", "PREDICTION_MODE": "instance"}
+FLAGS = ["--preset", "tiny", "--fast", "--precision", "bf16", "--device", "cpu"]
 
 
 def test_overlap_threshold_and_fast_reach_the_model_config():
     settings = BackendSettings.from_env({"PRESET": "tiny", "DEVICE": "cpu", "OVERLAP_THRESHOLD": "0.25", "FAST": "1",
                                          "PRECISION": "bf16"})
     assert settings.overlap_threshold == 0.25 and settings.fast
-    model = _default_factory(settings)
+    model = build_model(settings)
     assert model.cfg.head.overlap_threshold == 0.25 and model.cfg.precision == "bf16"
     assert model.cfg.backbone.min_size == model.cfg.backbone.window
     assert BackendSettings.from_env({}).overlap_threshold == 0.8  # the reference config's value by default
+
+
+def test_one_yes_no_parser_for_every_variable():
+    assert [parse_bool(v) for v in ("1", "TRUE", " yes", "On")] == [True] * 4
+    assert [parse_bool(v) for v in ("0", "false", "No", "off", "")] == [False] * 5
+    with pytest.raises(SettingsError, match="FAST='maybe' is not a yes/no value"):
+        BackendSettings.from_env({"FAST": "maybe"})
+    env = {"FAST": "yes", "KEEP_HOLES": "off", "ALLOW_LOCAL_PATHS": "0", "ODISE_OFFLINE": "on"}
+    s = BackendSettings.from_env(env)
+    assert (s.fast, s.result.keep_holes, s.allow_local_paths, s.offline) == (True, False, False, True)
+    with pytest.raises(SettingsError, match="MIN_AREA='big' is not an integer"):
+        BackendSettings.from_env({"MIN_AREA": "big"})
+    with pytest.raises(SettingsError, match="PREDICTION_MODE 'panoptical'"):
+        BackendSettings.from_env({"PREDICTION_MODE": "panoptical"})
+
+
+def test_weight_variables_reach_the_config_as_values(tmp_path, monkeypatch):
+    env = {"ODISE_WEIGHTS_DIR": str(tmp_path / "w"), "ODISE_SD_WEIGHTS": str(tmp_path / "sd.ckpt"),
+           "ODISE_CLIP_WEIGHTS": str(tmp_path / "clip.pt"), "ODISE_CHECKPOINT": str(tmp_path / "odise.pth"),
+           "ODISE_OFFLINE": "1"}
+    cfg = BackendSettings.from_env(env).model_config()
+    assert (cfg.weights_dir, cfg.diffusion.pretrained, cfg.clip.pretrained, cfg.checkpoint, cfg.offline) == \
+        (str(tmp_path / "w"), str(tmp_path / "sd.ckpt"), str(tmp_path / "clip.pt"), str(tmp_path / "odise.pth"), True)
+    monkeypatch.delenv("ODISE_WEIGHTS_DIR", raising=False)
+    args = build_parser().parse_args(["predict", "x.png", "--labels", "a", "--weights-dir",
+                                                          str(tmp_path / "flag")])
+    assert BackendSettings.resolve(args, env).model_config().weights_dir == str(tmp_path / "flag")  # flag wins
+    assert "ODISE_WEIGHTS_DIR" not in os.environ  # nothing was written into the environment
+
+
+def test_results_digest_changes_with_results_and_only_then():
+    base = BackendSettings.from_env({}, preset="tiny", device="cpu")
+    assert BackendSettings.from_env({}, preset="tiny", device="cpu").results_digest() == base.results_digest()
+    changed = {
+        "preset": dataclasses.replace(base, preset="odise-label-coco"),
+        "fast": dataclasses.replace(base, fast=True),
+        "precision": dataclasses.replace(base, precision="bf16"),
+        "overlap": dataclasses.replace(base, overlap_threshold=0.0),
+        "mode": dataclasses.replace(base, mode="semantic"),
+        "tolerance": dataclasses.replace(base, result=ResultOptions(tolerance=0.0)),
+        "max_points": dataclasses.replace(base, result=ResultOptions(max_points=50)),
+        "min_area": dataclasses.replace(base, result=ResultOptions(min_area=1)),
+        "score": dataclasses.replace(base, result=ResultOptions(score_threshold=0.5)),
+        "holes": dataclasses.replace(base, result=ResultOptions(keep_holes=False)),
+    }
+    digests = {name: s.results_digest() for name, s in changed.items()}
+    assert base.results_digest() not in digests.values() and len(set(digests.values())) == len(digests)
+    # what does not change predictions does not change the version
+    same = [dataclasses.replace(base, model_dir=Path("/elsewhere"), image_timeout=5.0, api_key="k"),
+            dataclasses.replace(base, precision="fp32" if base.resolved_precision() == "sd-float32" else "auto")]
+    assert {s.results_digest() for s in same} == {base.results_digest()}
+
+
+# ----------------------------------------------------------------------------- every command
+@pytest.fixture(scope="module")
+def tiny_model():
+    return build_model(BackendSettings(preset="tiny", device="cpu"))
+
+
+@pytest.fixture
+def built(tiny_model, monkeypatch, tmp_path):
+    """Records the (config, device) each command hands the core builder; returns the shared tiny model."""
+    from odise_core.model import ODISE
+
+    calls: list[tuple] = []
+
+    def from_config(cfg, device="auto", **kwargs):
+        calls.append((cfg, str(device)))
+        return tiny_model
+
+    monkeypatch.setattr(ODISE, "from_config", from_config)
+    for name, value in ENV.items():
+        monkeypatch.setenv(name, value)
+    for name in ("FAST", "PRECISION", "DEVICE", "PRESET", "ODISE_WEIGHTS_DIR", "MODEL_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    return calls
+
+
+def _expected_version(tiny_model) -> str:
+    settings = BackendSettings.from_env(ENV, preset="tiny", fast=True, precision="bf16", device="cpu")
+    version = base_model_version(settings, tiny_model)
+    assert version.startswith(f"odise-tiny-fast-{weights_digest(tiny_model)}-s")
+    assert version != base_model_version(BackendSettings(preset="tiny", device="cpu"), tiny_model)
+    return version
+
+
+def _check_built(calls: list[tuple], weights: Path) -> None:
+    assert len(calls) == 1, "one model per command"
+    cfg, device = calls[0]
+    assert device == "cpu" and cfg.name == "tiny" and cfg.precision == "bf16"
+    assert cfg.backbone.min_size == cfg.backbone.window  # --fast
+    assert cfg.head.overlap_threshold == 0.3 and cfg.weights_dir == str(weights)
+
+
+@pytest.fixture(scope="module")
+def coco_dir(tmp_path_factory) -> Path:
+    from odise_core.geometry import coco_rle_encode
+
+    root = tmp_path_factory.mktemp("coco")
+    (root / "images").mkdir()
+    images, anns = [], []
+    for i, s in enumerate(make_dataset(2, seed=5, size=64)):
+        Image.fromarray(s.image).save(root / "images" / f"{i}.png")
+        images.append({"id": i + 1, "file_name": f"images/{i}.png", "height": 64, "width": 64})
+        for m, c in zip(s.masks, s.classes):
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": int(c) + 1, "iscrowd": 0,
+                         "segmentation": coco_rle_encode(m), "area": int(m.sum())})
+    cats = [{"id": k + 1, "name": n, "isthing": 1} for k, n in enumerate(CLASS_NAMES)]
+    (root / "result.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    return root
+
+
+def test_predict_honours_every_model_setting(built, tiny_model, coco_dir, tmp_path):
+    out = tmp_path / "out"
+    args = ["predict", str(coco_dir / "images" / "0.png"), "--labels", ",".join(CLASS_NAMES), "--out", str(out)]
+    assert main([*args, *FLAGS, "--weights-dir", str(tmp_path / "w")]) == 0
+    _check_built(built, tmp_path / "w")
+    assert json.loads((out / "0.json").read_text())["model_version"] == _expected_version(tiny_model)
+
+
+def test_prelabel_honours_every_model_setting(built, tiny_model, coco_dir, tmp_path):
+    out = tmp_path / "tasks.json"
+    args = ["prelabel", "--folder", str(coco_dir / "images"), "--labels", ",".join(CLASS_NAMES), "--out", str(out),
+            "--model-dir", str(tmp_path / "models"), "--no-progress"]
+    assert main([*args, *FLAGS, "--weights-dir", str(tmp_path / "w")]) == 0
+    _check_built(built, tmp_path / "w")
+    versions = {p["model_version"] for t in json.loads(out.read_text()) for p in t["predictions"]}
+    assert versions == {_expected_version(tiny_model)}
+
+
+def test_rank_honours_every_model_setting(built, tiny_model, coco_dir, tmp_path, capsys):
+    images = [str(p) for p in sorted((coco_dir / "images").glob("*.png"))]
+    args = ["rank", *images, "--labels", ",".join(CLASS_NAMES), "--model-dir", str(tmp_path)]
+    assert main([*args, *FLAGS, "--weights-dir", str(tmp_path / "w")]) == 0
+    _check_built(built, tmp_path / "w")
+    assert f"# model version {_expected_version(tiny_model)};" in capsys.readouterr().out
+
+
+def test_evaluate_honours_every_model_setting(built, tiny_model, coco_dir, tmp_path):
+    report = tmp_path / "eval.json"
+    args = ["evaluate", "--coco", str(coco_dir), "--model-dir", str(tmp_path / "models"), "--json", str(report)]
+    assert main([*args, *FLAGS, "--weights-dir", str(tmp_path / "w")]) == 0
+    _check_built(built, tmp_path / "w")
+    assert json.loads(report.read_text())["version"] == _expected_version(tiny_model)
+
+
+def test_train_honours_every_model_setting(built, tiny_model, coco_dir, tmp_path, caplog):
+    args = ["train", "--coco", str(coco_dir), "--model-dir", str(tmp_path / "models"), "--steps", "1"]
+    with caplog.at_level("INFO", logger="odise-ls"):
+        main([*args, *FLAGS, "--weights-dir", str(tmp_path / "w")])
+    _check_built(built, tmp_path / "w")
+    assert f"fine-tuning {_expected_version(tiny_model)} from base" in caplog.text
+
+
+def test_serve_honours_every_model_setting(built, tiny_model, tmp_path, monkeypatch):
+    import werkzeug.serving
+
+    answers: dict[str, object] = {}
+
+    class Server:
+        port = 0
+
+        def __init__(self, app):
+            self.app = app
+
+        def serve_forever(self):
+            client = self.app.test_client()
+            for _ in range(600):
+                if client.get("/health").get_json().get("model_state") == "ready":
+                    break
+                threading.Event().wait(0.05)
+            xml = '<View><Image name="image" value="$image"/><PolygonLabels name="label" toName="image">' \
+                  '<Label value="cat"/></PolygonLabels></View>'
+            answers["setup"] = client.post("/setup", json={"project": "1.1", "schema": xml}).get_json()
+            raise KeyboardInterrupt
+
+        def server_close(self):
+            answers["closed"] = True
+
+    monkeypatch.setattr(werkzeug.serving, "make_server", lambda host, port, app, threaded: Server(app))
+    assert main(["serve", "--model-dir", str(tmp_path / "models"), *FLAGS, "--weights-dir", str(tmp_path / "w")]) == 0
+    _check_built(built, tmp_path / "w")
+    assert answers["setup"] == {"model_version": _expected_version(tiny_model)} and answers["closed"]
 
 
 def test_bf16_precision_on_cpu_predicts_close_to_fp32():

@@ -122,9 +122,9 @@ def test_segments_to_coco_json_record_decodes_back():
 
 
 def _ls_tasks(kind: str) -> tuple[list[dict], list[ExportImage], str]:
-    """Label Studio tasks whose predictions are the synthetic scenes, shaped by backend.results."""
+    """Label Studio tasks whose predictions are the synthetic scenes, shaped by backend.ls_format."""
     from backend.label_config import make_label_config, parse_label_config
-    from backend.results import ResultOptions, image_regions
+    from backend.ls_format import ResultOptions, image_regions
     from odise_core.vocabulary import VocabClass, Vocabulary
 
     vocab = Vocabulary([VocabClass(n, (n,), t) for n, t in zip(CLASS_NAMES, IS_THING)])

@@ -1,16 +1,13 @@
-"""Mask <-> polygon round trips on real shapes, holes, caps, and both RLE formats."""
+"""Mask <-> polygon round trips on real shapes, holes, caps, and COCO RLE."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import skimage.data
 import skimage.filters
-from label_studio_sdk.converter.brush import decode_rle, mask2rle
 
 from odise_core.geometry import (
     PolygonOptions,
-    brush_rle_decode,
-    brush_rle_encode,
     coco_rle_decode,
     coco_rle_encode,
     connected_parts,
@@ -121,25 +118,6 @@ def test_bbox_and_connected_parts() -> None:
     parts = connected_parts(mask)
     assert [int(p.sum()) for p in parts] == [250, 25]
     assert connected_parts(mask, min_area=100)[0].sum() == 250
-
-
-@pytest.mark.parametrize("name", sorted(REAL_SHAPES))
-def test_brush_rle_matches_label_studio_sdk(name: str) -> None:
-    mask = REAL_SHAPES[name]()
-    ours = brush_rle_encode(mask)
-    assert ours == mask2rle(mask.astype(np.uint8) * 255)
-    assert np.array_equal(brush_rle_decode(ours, *mask.shape), mask)
-
-
-def test_brush_rle_long_runs_and_sdk_decoder() -> None:
-    mask = np.zeros((300, 400), bool)  # 480,000 values: runs longer than 2**16 are split
-    mask[100:110, :] = True
-    rle = brush_rle_encode(mask)
-    assert rle == mask2rle(mask.astype(np.uint8) * 255)
-    sdk = decode_rle(rle).reshape(300, 400, 4)[:, :, 3] > 0
-    assert np.array_equal(sdk, mask)
-    with pytest.raises(ValueError, match="expected"):
-        brush_rle_decode(rle, 10, 10)
 
 
 def test_coco_rle_round_trip() -> None:

@@ -109,7 +109,7 @@ def test_text_prompt_known_label_and_new_phrase(served):
 
 
 def test_brush_output_control_gets_rle_masks(served):
-    from odise_core.geometry import brush_rle_decode
+    from backend.ls_format import brush_rle_decode
 
     _, client, _ = served
     regions = ask(client, [keypoint(48, 37, "cup")], out="BrushLabels")["result"]

@@ -67,8 +67,7 @@ def test_head_modules_match_official_keys():
 
 def test_whole_label_model_matches_official_keys(monkeypatch, tmp_path):
     """Build `odise-label-coco` (random weights, meta device) through ODISE.from_config."""
-    monkeypatch.setenv("ODISE_WEIGHTS_DIR", str(tmp_path))
-    cfg = get_config("odise-label-coco")
+    cfg = get_config("odise-label-coco").replace(weights_dir=str(tmp_path))
     cfg.diffusion.pretrained = None
     cfg.clip.pretrained = None
     cfg.checkpoint = None

@@ -15,7 +15,8 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from backend.tasks import ImageFetcher, ImageFetchError, LabelStudioAuth
+from backend.ls_client import LabelStudioAuth, LabelStudioAuthError
+from backend.tasks import ImageFetcher, ImageFetchError
 
 LEGACY = "0123456789abcdef"
 
@@ -161,8 +162,11 @@ def test_personal_access_token_is_exchanged_and_renewed(server: _Server) -> None
     fetcher.fetch("/data/upload/2/c.png")
     assert server.refreshes == before + 3
     server.access_ttl = 600
-    with pytest.raises(ImageFetchError, match="personal access token"):
-        LabelStudioAuth(server.url, _jwt({"token_type": "refresh", "user_id": "9"})).header()
+    revoked = _jwt({"token_type": "refresh", "user_id": "9"})
+    with pytest.raises(LabelStudioAuthError, match="personal access token"):
+        LabelStudioAuth(server.url, revoked).header()
+    with pytest.raises(ImageFetchError, match="rejected the personal access token"):  # the fetcher says the same
+        ImageFetcher(server.url, revoked).fetch("/data/upload/2/d.png")
 
 
 def test_label_studio_url_needs_configuration() -> None:

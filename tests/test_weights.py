@@ -11,52 +11,62 @@ from torch import nn
 from odise_core import weights
 from odise_core.config import get_config
 from odise_core.weights import (
+    WeightsLocation,
     WeightsMissingError,
     check_weights_available,
     fetch_checkpoint,
     load_odise_checkpoint,
     load_stable_diffusion,
-    weights_dir,
 )
 
-
-@pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    """Empty weights dir, no env overrides, offline."""
-    monkeypatch.setenv("ODISE_WEIGHTS_DIR", str(tmp_path / "weights"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    for var in ("ODISE_SD_WEIGHTS", "ODISE_CLIP_WEIGHTS", "ODISE_CHECKPOINT"):
-        monkeypatch.delenv(var, raising=False)
+WEIGHT_VARS = ("ODISE_WEIGHTS_DIR", "ODISE_SD_WEIGHTS", "ODISE_CLIP_WEIGHTS", "ODISE_CHECKPOINT", "ODISE_OFFLINE")
 
 
-def test_weights_dir_from_env(tmp_path):
-    assert weights_dir() == tmp_path / "weights"
+@pytest.fixture
+def where(tmp_path, monkeypatch) -> WeightsLocation:
+    """An empty weights dir, offline; the environment's weight variables point elsewhere and must not matter."""
+    for var in WEIGHT_VARS:
+        monkeypatch.setenv(var, str(tmp_path / "from-the-environment"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    return WeightsLocation(tmp_path / "weights", offline_flag=True)
 
 
-def test_offline_full_preset_fails_fast_with_one_actionable_message():
+def _cfg(name: str, where: WeightsLocation):
+    return get_config(name).replace(weights_dir=str(where.root), offline=True)
+
+
+def test_offline_full_preset_fails_fast_with_one_actionable_message(where):
     start = time.monotonic()
     with pytest.raises(WeightsMissingError) as info:
-        check_weights_available(get_config("odise-label-coco"))
+        check_weights_available(_cfg("odise-label-coco", where))
     assert time.monotonic() - start < 3.0
     message = str(info.value)
     assert "Stable Diffusion" in message and "CLIP" in message and "ODISE checkpoint" in message
-    assert "offline" in message
-    assert str(weights_dir() / "sd-v1-3.ckpt") in message  # where it looked
+    assert "offline" in message and "from-the-environment" not in message
+    assert str(where.root / "sd-v1-3.ckpt") in message  # where it looked
     assert "odise_label_coco_50e-b67d2efc.pth" in message
     for how in ("ODISE_SD_WEIGHTS", "ODISE_CLIP_WEIGHTS", "ODISE_CHECKPOINT", "ODISE_WEIGHTS_DIR", "--preset tiny"):
         assert how in message
 
 
-def test_missing_local_paths_are_named(monkeypatch, tmp_path):
-    monkeypatch.setenv("ODISE_SD_WEIGHTS", str(tmp_path / "nowhere" / "sd-v1-3.ckpt"))
+def test_hf_hub_offline_is_honoured(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert WeightsLocation(tmp_path).offline
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert not WeightsLocation(tmp_path).offline and WeightsLocation(tmp_path, offline_flag=True).offline
+
+
+def test_missing_local_paths_are_named(where, tmp_path):
+    cfg = _cfg("odise-label-coco", where).diffusion
+    cfg.pretrained = str(tmp_path / "nowhere" / "sd-v1-3.ckpt")
     with pytest.raises(WeightsMissingError, match="nowhere/sd-v1-3.ckpt"):
-        load_stable_diffusion(get_config("odise-label-coco").diffusion)
+        load_stable_diffusion(cfg, where=where)
     with pytest.raises(WeightsMissingError, match="missing.pth"):
-        fetch_checkpoint(str(tmp_path / "missing.pth"))
+        fetch_checkpoint(str(tmp_path / "missing.pth"), where)
 
 
-def test_tiny_preset_needs_nothing():
-    check_weights_available(get_config("tiny"))
+def test_tiny_preset_needs_nothing(where):
+    check_weights_available(_cfg("tiny", where))
 
 
 def _tiny_text_encoder(dim: int):
@@ -81,23 +91,23 @@ def _assert_same_weights(a: nn.Module, b: nn.Module) -> None:
         torch.testing.assert_close(sa[k], sb[k], msg=k)
 
 
-def test_diffusers_dir_round_trip_and_empty_prompt_cache(tmp_path, monkeypatch):
+def test_diffusers_dir_round_trip_and_empty_prompt_cache(tmp_path, monkeypatch, where):
     cfg = get_config("tiny").diffusion
-    unet, vae, _ = load_stable_diffusion(cfg)
+    unet, vae, _ = load_stable_diffusion(cfg, where=where)
     encoder = _tiny_text_encoder(cfg.context_dim)
     root = tmp_path / "sd"
     unet.save_pretrained(root / "unet")
     vae.save_pretrained(root / "vae")
     encoder.save_pretrained(root / "text_encoder")
     cfg.pretrained = str(root)
-    check_weights_available(get_config("tiny").replace(diffusion=cfg))
-    unet2, vae2, empty = load_stable_diffusion(cfg)
+    check_weights_available(_cfg("tiny", where).replace(diffusion=cfg))
+    unet2, vae2, empty = load_stable_diffusion(cfg, where=where)
     _assert_same_weights(unet, unet2)
     _assert_same_weights(vae, vae2)
     assert not any(p.requires_grad for p in unet2.parameters()) and not unet2.training
     assert empty.shape == (1, 77, cfg.context_dim)
     torch.testing.assert_close(empty, _empty_prompt(encoder))
-    cached = list((weights_dir() / "sd-empty-prompt").glob("*.pt"))
+    cached = list((where.root / "sd-empty-prompt").glob("*.pt"))
     assert len(cached) == 1
 
     import transformers
@@ -106,7 +116,7 @@ def test_diffusers_dir_round_trip_and_empty_prompt_cache(tmp_path, monkeypatch):
         raise AssertionError("the text encoder must not be loaded again")
 
     monkeypatch.setattr(transformers.CLIPTextModel, "from_pretrained", refuse)
-    _, _, again = load_stable_diffusion(cfg)
+    _, _, again = load_stable_diffusion(cfg, where=where)
     torch.testing.assert_close(again, empty)
 
 
@@ -156,9 +166,9 @@ def _ldm_vae_key(key: str) -> str:
     return key
 
 
-def test_single_file_ldm_checkpoint(tmp_path):
+def test_single_file_ldm_checkpoint(tmp_path, where):
     cfg = get_config("tiny").diffusion
-    unet, vae, _ = load_stable_diffusion(cfg)
+    unet, vae, _ = load_stable_diffusion(cfg, where=where)
     encoder = _tiny_text_encoder(cfg.context_dim)
     has_attention = [t.startswith("CrossAttn") for t in cfg.unet["up_block_types"]]
     state = {"model.diffusion_model." + _ldm_unet_key(k, has_attention): v for k, v in unet.state_dict().items()}
@@ -172,7 +182,7 @@ def test_single_file_ldm_checkpoint(tmp_path):
     torch.save({"state_dict": state, "global_step": 1}, ckpt)
 
     cfg.pretrained = str(ckpt)
-    unet2, vae2, empty = load_stable_diffusion(cfg)
+    unet2, vae2, empty = load_stable_diffusion(cfg, where=where)
     _assert_same_weights(unet, unet2)
     _assert_same_weights(vae, vae2)
     torch.testing.assert_close(empty, _empty_prompt(encoder))
@@ -184,11 +194,11 @@ def test_single_file_ldm_checkpoint(tmp_path):
         torch.testing.assert_close(unet2(latent, 0, empty).sample, unet(latent, 0, empty).sample)
 
 
-def test_single_file_in_weights_dir_is_found_for_a_hub_id(tmp_path):
-    target = weights_dir() / "sd-v1-3.ckpt"
+def test_single_file_in_weights_dir_is_found_for_a_hub_id(where):
+    target = where.root / "sd-v1-3.ckpt"
     target.parent.mkdir(parents=True)
     target.write_bytes(b"")
-    assert weights.resolve_sd_source(get_config("odise-label-coco").diffusion) == ("file", str(target))
+    assert weights.resolve_sd_source(get_config("odise-label-coco").diffusion, where) == ("file", str(target))
 
 
 class _Toy(nn.Module):
@@ -225,29 +235,29 @@ def test_odise_checkpoint_loads_strictly(tmp_path):
         load_odise_checkpoint(_Toy(), str(tmp_path / "shape.pth"))
 
 
-def test_url_checkpoint_offline_and_cached(tmp_path):
+def test_url_checkpoint_offline_and_cached(where):
     url = "https://example.invalid/releases/odise_label_coco_50e-b67d2efc.pth"
     with pytest.raises(WeightsMissingError, match="offline"):
-        fetch_checkpoint(url)
-    cached = weights_dir() / "checkpoints" / "odise_label_coco_50e-b67d2efc.pth"
+        fetch_checkpoint(url, where)
+    cached = where.root / "checkpoints" / "odise_label_coco_50e-b67d2efc.pth"
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"x")
-    assert fetch_checkpoint(url) == cached
+    assert fetch_checkpoint(url, where) == cached
 
 
-def test_clip_found_in_local_file_or_hub_cache_under_weights_dir():
+def test_clip_found_in_local_file_or_hub_cache_under_weights_dir(where):
     cfg = get_config("odise-label-coco").clip
     with pytest.raises(WeightsMissingError, match="ViT-L-14-336px.pt"):
-        weights.resolve_clip_source(cfg)
-    repo = weights_dir() / "clip" / "models--timm--vit_large_patch14_clip_336.openai"
+        weights.resolve_clip_source(cfg, where)
+    repo = where.root / "clip" / "models--timm--vit_large_patch14_clip_336.openai"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text("abc123")
     (repo / "snapshots" / "abc123").mkdir(parents=True)
     (repo / "snapshots" / "abc123" / "open_clip_model.safetensors").write_bytes(b"")
-    assert weights.resolve_clip_source(cfg) == ("tag", "openai")
-    local = weights_dir() / "clip" / "ViT-L-14-336px.pt"
+    assert weights.resolve_clip_source(cfg, where) == ("tag", "openai")
+    local = where.root / "clip" / "ViT-L-14-336px.pt"
     local.write_bytes(b"")
-    assert weights.resolve_clip_source(cfg) == ("file", str(local))
+    assert weights.resolve_clip_source(cfg, where) == ("file", str(local))
 
 
 def test_caption_checkpoint_loads_strictly_with_its_word_head(tmp_path):

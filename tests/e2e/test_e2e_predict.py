@@ -14,7 +14,8 @@ from label_studio_sdk.label_interface import LabelInterface
 from PIL import Image
 
 from backend.label_config import make_label_config
-from odise_core.geometry import brush_rle_decode, polygons_to_mask
+from backend.ls_format import brush_rle_decode
+from odise_core.geometry import polygons_to_mask
 from odise_core.vocabulary import Vocabulary
 
 pytestmark = pytest.mark.e2e

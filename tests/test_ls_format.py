@@ -1,12 +1,16 @@
-"""Segments -> Label Studio result JSON: percent coordinates, parts, holes, brush, boxes, scores."""
+"""Label Studio results <-> masks: percent coordinates, parts, holes, brush RLE, boxes, scores."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
+import skimage.data
+import skimage.filters
 import torch
 
 from backend.label_config import parse_label_config
-from backend.results import ResultOptions, image_regions, segment_regions, task_score
-from odise_core.geometry import brush_rle_decode, mask_iou, polygons_to_mask
+from backend.ls_format import (ResultOptions, brush_rle_decode, brush_rle_encode, image_regions, result_mask,
+                                segment_regions, task_score)
+from odise_core.geometry import mask_iou, polygons_to_mask
 from odise_core.types import RawPrediction, Segment
 
 CONFIG = """<View><Image name="img" value="$image"/>
@@ -99,3 +103,51 @@ def test_task_score_is_certainty_mean_over_images() -> None:
     assert sure == 0.94 and unsure == 0.05
     assert task_score([raw(probs_sure), raw(probs_unsure)]) == round((0.94 + 0.05) / 2, 4)
     assert task_score([]) == 0.0
+
+
+# Encoded by this project's own numpy encoder (written from Label Studio's bit layout) before brush
+# RLE moved to label-studio-sdk's helpers: the SDK must keep producing exactly these bytes.
+SMALL_MASK_RLE = [0, 0, 0, 80, 57, 27, 254, 23, 0, 183, 255, 56, 5, 191, 248, 192, 35, 255, 190, 0]
+
+
+def _small_mask() -> np.ndarray:
+    mask = np.zeros((4, 5), bool)
+    mask[1:3, 1:4] = True
+    mask[3, 0] = True
+    return mask
+
+
+def _coins() -> np.ndarray:
+    img = skimage.data.coins()
+    return img > skimage.filters.threshold_otsu(img)
+
+
+def test_brush_rle_is_byte_identical_to_the_former_encoder_and_round_trips():
+    assert brush_rle_encode(_small_mask()) == SMALL_MASK_RLE
+    assert np.array_equal(brush_rle_decode(SMALL_MASK_RLE, 4, 5), _small_mask())
+    coins = _coins()
+    assert np.array_equal(brush_rle_decode(brush_rle_encode(coins), *coins.shape), coins)
+
+
+def test_brush_rle_long_runs_and_bad_input():
+    mask = np.zeros((300, 400), bool)  # 480,000 values: runs longer than 2**16 are split
+    mask[100:110, :] = True
+    rle = brush_rle_encode(mask)
+    assert np.array_equal(brush_rle_decode(rle, 300, 400), mask)
+    with pytest.raises(ValueError, match="expected 10x10x4"):
+        brush_rle_decode(rle, 10, 10)
+    with pytest.raises(ValueError, match="malformed"):
+        brush_rle_decode(rle[:12], 300, 400)
+    with pytest.raises(ValueError, match="non-empty 2-D"):
+        brush_rle_encode(np.zeros((0, 4), bool))
+
+
+def test_brush_result_decodes_at_its_original_size_and_resizes():
+    truth = np.zeros((H, W), bool)
+    truth[5:17, 8:31] = True
+    truth[30:, 40:] = True
+    result = {"type": "brushlabels", "original_width": W, "original_height": H,
+              "value": {"format": "rle", "rle": brush_rle_encode(truth), "brushlabels": ["Donut"]}}
+    assert np.array_equal(result_mask(result, H, W), truth)
+    half = result_mask(result, H // 2, W // 2)
+    assert half.shape == (H // 2, W // 2) and abs(int(half.sum()) * 4 - int(truth.sum())) <= 60

@@ -1,0 +1,221 @@
+"""Flags > environment > preset defaults, resolved once; the one function that builds the model.
+
+Every command that builds a model (serve, predict, prelabel, train, rank, evaluate) and the
+benchmarks go through `BackendSettings.resolve` and `build_model`, so a flag or variable that
+works for one works for all. Nothing here writes `os.environ`: weight locations reach the
+loaders as fields of the model configuration.
+
+| env var | flag | default | meaning |
+|---|---|---|---|
+| PRESET | --preset | odise-label-coco | model preset (odise-label-coco, odise-caption-coco, tiny) |
+| DEVICE | --device | auto | cpu, cuda, cuda:N, mps or auto |
+| FAST | --fast | false | process at the window size (one crop instead of four) |
+| PRECISION | --precision | auto | auto, bf16 or fp32 (see odise_core precision_plan) |
+| ODISE_WEIGHTS_DIR | --weights-dir | ~/.cache/odise-label-studio | SD / CLIP / ODISE weights and caches |
+| ODISE_SD_WEIGHTS / ODISE_CLIP_WEIGHTS / ODISE_CHECKPOINT | | preset | weight sources |
+| ODISE_OFFLINE | | false | never touch the network (HF_HUB_OFFLINE is read by the hub library) |
+| MODEL_DIR | --model-dir | ~/.cache/odise-label-studio/backend | fine-tuned versions per project |
+| LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY | --label-studio-url / --api-key | from /setup | Label Studio |
+| PREDICTION_MODE | (predict: --mode) | panoptic | panoptic, instance or semantic |
+| OVERLAP_THRESHOLD | | 0.8 | panoptic: share of a query's mask it must win to become a region |
+| POLYGON_TOLERANCE, MAX_POINTS, MIN_AREA, SCORE_THRESHOLD, KEEP_HOLES | | 1.0, 500, 64, 0.0, true | result shaping |
+| IMAGE_TIMEOUT, MAX_IMAGE_MB, ALLOW_LOCAL_PATHS | | 30, 50, true | image fetching |
+| INTERACTIVE_CACHE_MB | | 512 | memory kept for interactive answers (per-task query states, LRU) |
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from backend.ls_format import ResultOptions
+
+DEFAULT_MODEL_DIR = Path.home() / ".cache" / "odise-label-studio" / "backend"
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off", "")
+
+
+class SettingsError(ValueError):
+    """A flag or environment variable has a value that cannot be used; the message names it."""
+
+
+def parse_bool(value: str, name: str = "value") -> bool:
+    """The one yes/no parser: 1/true/yes/on and 0/false/no/off (any case); anything else is an error."""
+    word = value.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise SettingsError(f"{name}={value!r} is not a yes/no value: use one of {', '.join(TRUE_WORDS + FALSE_WORDS[:-1])}")
+
+
+def env_bool(environ: Mapping[str, str], name: str, default: bool) -> bool:
+    """A yes/no environment variable; `default` when unset."""
+    value = environ.get(name)
+    return default if value is None else parse_bool(value, name)
+
+
+def _env_number(environ: Mapping[str, str], name: str, kind: type, default: Any) -> Any:
+    value = environ.get(name)
+    if value is None or not value.strip():
+        return default
+    try:
+        return kind(value)
+    except ValueError:
+        raise SettingsError(f"{name}={value!r} is not a{'n integer' if kind is int else ' number'}") from None
+
+
+@dataclass
+class BackendSettings:
+    """Everything that shapes the model and its results, plus where the backend finds its inputs."""
+
+    preset: str = "odise-label-coco"
+    device: str = "auto"
+    fast: bool = False
+    precision: str = "auto"
+    overlap_threshold: float = 0.8
+    weights_dir: Path | None = None  # None: odise_core's default cache directory
+    sd_weights: str | None = None  # None: the preset's source
+    clip_weights: str | None = None
+    checkpoint: str | None = None
+    offline: bool = False
+    model_dir: Path = DEFAULT_MODEL_DIR
+    label_studio_url: str | None = None
+    api_key: str | None = None
+    mode: str = "panoptic"
+    result: ResultOptions = field(default_factory=ResultOptions)
+    image_timeout: float = 30.0
+    max_image_mb: float = 50.0
+    allow_local_paths: bool = True
+    interactive_cache_mb: float = 512.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "BackendSettings":
+        """Environment over defaults, then every override that is not None over both."""
+        env = os.environ if environ is None else environ
+        d = cls()
+        result = ResultOptions(
+            tolerance=_env_number(env, "POLYGON_TOLERANCE", float, d.result.tolerance),
+            max_points=_env_number(env, "MAX_POINTS", int, d.result.max_points),
+            min_area=_env_number(env, "MIN_AREA", int, d.result.min_area),
+            score_threshold=_env_number(env, "SCORE_THRESHOLD", float, d.result.score_threshold),
+            keep_holes=env_bool(env, "KEEP_HOLES", d.result.keep_holes),
+        )
+        weights_dir = env.get("ODISE_WEIGHTS_DIR")
+        settings = cls(
+            preset=env.get("PRESET") or d.preset,
+            device=env.get("DEVICE") or d.device,
+            fast=env_bool(env, "FAST", d.fast),
+            precision=env.get("PRECISION") or d.precision,
+            overlap_threshold=_env_number(env, "OVERLAP_THRESHOLD", float, d.overlap_threshold),
+            weights_dir=Path(weights_dir) if weights_dir else None,
+            sd_weights=env.get("ODISE_SD_WEIGHTS") or None,
+            clip_weights=env.get("ODISE_CLIP_WEIGHTS") or None,
+            checkpoint=env.get("ODISE_CHECKPOINT") or None,
+            offline=env_bool(env, "ODISE_OFFLINE", d.offline),
+            model_dir=Path(env["MODEL_DIR"]) if env.get("MODEL_DIR") else d.model_dir,
+            label_studio_url=env.get("LABEL_STUDIO_URL") or env.get("LABEL_STUDIO_HOST") or None,
+            api_key=env.get("LABEL_STUDIO_API_KEY") or env.get("LABEL_STUDIO_ACCESS_TOKEN") or None,
+            mode=env.get("PREDICTION_MODE") or d.mode,
+            result=result,
+            image_timeout=_env_number(env, "IMAGE_TIMEOUT", float, d.image_timeout),
+            max_image_mb=_env_number(env, "MAX_IMAGE_MB", float, d.max_image_mb),
+            allow_local_paths=env_bool(env, "ALLOW_LOCAL_PATHS", d.allow_local_paths),
+            interactive_cache_mb=_env_number(env, "INTERACTIVE_CACHE_MB", float, d.interactive_cache_mb),
+        )
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(overrides) - names
+        if unknown:
+            raise TypeError(f"unknown settings {sorted(unknown)}")
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(settings, key, value)
+        settings.validate()
+        return settings
+
+    @classmethod
+    def resolve(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> "BackendSettings":
+        """Settings of a command: its flags (those it has and the user gave) over `from_env`."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        flags = {k: v for k, v in vars(args).items() if k in names and v is not None}
+        for key in ("weights_dir", "model_dir"):
+            if key in flags:
+                flags[key] = Path(flags[key])
+        return cls.from_env(environ, **flags)
+
+    def validate(self) -> None:
+        """Raise SettingsError for values no command could use."""
+        from odise_core.model import MODES, PRECISIONS
+
+        checks = (("PRECISION", self.precision, PRECISIONS), ("PREDICTION_MODE", self.mode, MODES))
+        for name, value, allowed in checks:
+            if value not in allowed:
+                raise SettingsError(f"{name} {value!r} is not one of {', '.join(allowed)}")
+
+    def model_config(self) -> Any:
+        """The odise_core ModelConfig these settings ask for (a fresh copy of the preset, changed)."""
+        from odise_core.config import get_config
+
+        cfg = get_config(self.preset, fast=self.fast)
+        cfg.head.overlap_threshold = self.overlap_threshold
+        cfg.precision = self.precision
+        if self.sd_weights:
+            cfg.diffusion.pretrained = self.sd_weights
+        if self.clip_weights:
+            cfg.clip.pretrained = self.clip_weights
+        if self.checkpoint:
+            cfg.checkpoint = self.checkpoint
+        cfg.weights_dir = str(self.weights_dir) if self.weights_dir else None
+        cfg.offline = self.offline
+        return cfg
+
+    def resolved_precision(self) -> str:
+        """What `precision` means on this device: e.g. "sd-bf16" for auto on a CPU with native bf16."""
+        from odise_core.model import precision_plan, resolve_device
+
+        autocast, sd_dtype = precision_plan(self.precision, resolve_device(self.device))
+        parts = ([f"autocast-{str(autocast).removeprefix('torch.')}"] if autocast is not None else []) + \
+            [f"sd-{str(sd_dtype).removeprefix('torch.')}"]
+        return "+".join(parts)
+
+    def results_digest(self) -> str:
+        """Short hash of every setting that changes predictions; stable across restarts."""
+        shaping = {
+            "preset": self.preset,
+            "fast": self.fast,
+            "precision": self.resolved_precision(),
+            "overlap_threshold": self.overlap_threshold,
+            "mode": self.mode,
+            "result": dataclasses.asdict(self.result),
+        }
+        return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:6]
+
+
+def build_model(settings: BackendSettings) -> Any:
+    """The one function that builds the model for every command: config from `settings`, on its device."""
+    from odise_core.model import ODISE
+
+    return ODISE.from_config(settings.model_config(), device=settings.device)
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """Flags shared by every command that builds a model; unset flags fall back to the environment."""
+    p.add_argument("--preset", help="model preset: odise-label-coco, odise-caption-coco or tiny "
+                                    "(env PRESET, default odise-label-coco)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N, mps or auto (env DEVICE, default auto)")
+    p.add_argument("--weights-dir", help="where weights are looked up and cached (env ODISE_WEIGHTS_DIR)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"],
+                   help="auto: bf16/fp16 autocast on CUDA, frozen SD networks in bf16 on CPUs with native bf16; "
+                        "bf16: SD in bf16 on any CPU; fp32: float32 everywhere (env PRECISION, default auto)")
+    p.add_argument("--fast", action="store_true", default=None,
+                   help="process at the window size (512 shortest edge): 1 crop instead of 4 (env FAST=1)")
+
+
+def add_model_dir_flag(p: argparse.ArgumentParser, what: str = "fine-tuned model versions") -> None:
+    """--model-dir (env MODEL_DIR): where fine-tuned versions live."""
+    p.add_argument("--model-dir", help=f"{what} (env MODEL_DIR, default {DEFAULT_MODEL_DIR})")
