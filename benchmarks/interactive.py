@@ -39,7 +39,8 @@ from latency import random_weights  # noqa: E402
 
 from backend.app import create_app  # noqa: E402
 from backend.label_config import make_label_config  # noqa: E402
-from backend.model import BackendSettings, ODISEBackend  # noqa: E402
+from backend.model import ODISEBackend  # noqa: E402
+from backend.settings import BackendSettings  # noqa: E402
 from odise_core.vocabulary import Vocabulary  # noqa: E402
 
 PHRASES = ("red mug", "white saucer", "wooden spoon", "coffee foam", "a shadow on the table", "striped cloth")

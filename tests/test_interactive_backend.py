@@ -16,7 +16,8 @@ from PIL import Image
 
 from backend.app import create_app
 from backend.interactive import InteractionError, parse_context
-from backend.model import BackendSettings, ODISEBackend
+from backend.model import ODISEBackend
+from backend.settings import BackendSettings
 from odise_core.geometry import mask_iou, polygons_to_mask
 from tests.known_queries import CONFIG, MASKS, H, W, KnownQueries, full, keypoint, rectangle, text
 

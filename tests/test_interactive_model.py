@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from label_studio_sdk.label_interface import LabelInterface
 
 from backend.app import create_app
-from backend.model import BackendSettings, ODISEBackend
+from backend.model import ODISEBackend
+from backend.settings import BackendSettings
 from odise_core.geometry import brush_rle_decode
 from odise_core.config import get_config
 from odise_core.model import ODISE

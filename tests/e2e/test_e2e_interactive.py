@@ -21,7 +21,8 @@ from werkzeug.serving import make_server
 
 from backend.app import create_app
 from backend.label_config import parse_label_config
-from backend.model import BackendSettings, ODISEBackend
+from backend.model import ODISEBackend
+from backend.settings import BackendSettings
 from odise_core.geometry import mask_iou, polygons_to_mask
 from tests.known_queries import CONFIG, MASKS, H, W, KnownQueries, full, keypoint, rectangle, text
 
