@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from label_studio_sdk.label_interface import LabelInterface
 
 from backend.app import create_app
+from backend.ls_format import brush_rle_decode
 from backend.model import ODISEBackend
 from backend.settings import BackendSettings
-from odise_core.geometry import brush_rle_decode
 from odise_core.config import get_config
 from odise_core.model import ODISE
 from odise_core.phrase import extended_vocabulary
