@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from backend.jobs import clone_for_training, evaluate_model
+from backend.learning import copy_sharing_frozen, evaluate_model
 from odise_core.config import get_config
 from odise_core.evaluation import EvalResult
 from odise_core.model import ODISE
@@ -85,13 +85,13 @@ def main() -> None:
     results = {"before": before.as_dict(), "runs": []}
     lines = [row("before (all N)", before)]
     for n in args.sizes:
-        candidate = clone_for_training(model)
+        candidate = copy_sharing_frozen(model)
         opts = FinetuneOptions(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                                views_per_image=args.views, seed=args.seed, num_points=args.num_points)
         t0 = time.perf_counter()
         res = finetune(candidate, samples(train_scenes[:n]), opts, vocab=vocab)
         total = time.perf_counter() - t0
-        candidate.trained_classes = set(vocab.names)  # as jobs.py does after a fine-tune
+        candidate.trained_classes = set(vocab.names)  # as a fine-tune job does
         after = evaluate_model(candidate, held, vocab)
         feat_per_view = res.seconds_features / (n * args.views) if n else 0.0
         print(f"N={n:4d}: features {res.seconds_features:6.1f} s ({feat_per_view:.2f} s per image view), "

@@ -7,13 +7,14 @@ fused diffusion features of each augmented training view, so the backbone runs o
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
 import re
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
 import numpy as np
 import torch
@@ -319,14 +320,16 @@ def _evict(cache: dict[Any, dict[Any, torch.Tensor]], budget: int) -> None:
 def finetune(model: "ODISE", samples: list[TrainSample], options: FinetuneOptions,
              progress: Callable[[int, int, float], None] | None = None,
              should_stop: Callable[[], bool] | None = None, *, vocab: "Vocabulary",
-             feature_cache: dict[Any, dict[Any, torch.Tensor]] | None = None) -> FinetuneResult:
+             feature_cache: dict[Any, dict[Any, torch.Tensor]] | None = None,
+             feature_lock: ContextManager | None = None) -> FinetuneResult:
     """Fine-tune the chosen head parts of `model` on `samples` whose class indices refer to `vocab`.
 
     AdamW with linear warmup then cosine decay to 10 %; deterministic for a given seed on CPU.
     `progress(step, total, loss)` is called after every step; `should_stop()` is polled before each
     step and ends the run early (the weights keep the updates made so far). `feature_cache`, a dict
     the caller keeps, reuses view features across calls on the same model (keyed by image content
-    and view geometry); it is only valid while the backbone's weights stay unchanged.
+    and view geometry); it is only valid while the backbone's weights stay unchanged. `feature_lock`
+    is held around every backbone pass (a server shares the frozen backbone with its serving model).
     """
     if not samples:
         raise ValueError("finetune needs at least one training sample")
@@ -392,10 +395,11 @@ def finetune(model: "ODISE", samples: list[TrainSample], options: FinetuneOption
 
     def backbone_features(image01: torch.Tensor) -> dict[str, torch.Tensor] | list[torch.Tensor]:
         """Fused features, or with trainable projections the raw diffusion features of the window."""
-        if not raw:
-            return model.extract_features(image01)
-        with torch.no_grad():
-            return model.backbone.feature_extractor(image01, model.clip.encode_image(image01))
+        with feature_lock if feature_lock is not None else contextlib.nullcontext():
+            if not raw:
+                return model.extract_features(image01)
+            with torch.no_grad():
+                return model.backbone.feature_extractor(image01, model.clip.encode_image(image01))
 
     def get_view(i: int, v: int) -> tuple[Any, Target]:
         nonlocal seconds_features

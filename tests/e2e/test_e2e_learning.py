@@ -19,7 +19,7 @@ import requests
 from PIL import Image
 
 from backend.label_config import make_label_config
-from backend.jobs import is_better
+from backend.learning import is_better
 from backend.training_data import split_samples
 from odise_core.evaluation import evaluate
 from odise_core.geometry import PolygonOptions, mask_to_polygons, polygons_to_mask
