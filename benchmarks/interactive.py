@@ -57,11 +57,11 @@ def interactive_config() -> str:
 
 def _factory(device: str):
     def build(settings: BackendSettings):
-        from odise_core.model import ODISE
+        from odise_core.predictor import build_predictor
 
         cfg = random_weights(settings.preset)
         cfg.precision = settings.precision
-        return ODISE.from_config(cfg, device=device)
+        return build_predictor(cfg, device=device)
 
     return build
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from odise_core.head import clip_class_logits, geometric_ensemble
+from odise_core.modeling.head import clip_class_logits, geometric_ensemble
 from odise_core.query_state import QueryState
 from odise_core.vocabulary import VocabClass, Vocabulary, is_base
 
@@ -38,7 +38,7 @@ def _texts(model: Any, vocab: Vocabulary, phrase: str, prompt: str) -> tuple[tor
 def phrase_probabilities(model: Any, state: QueryState, vocab: Vocabulary, phrase: str) -> torch.Tensor:
     """(Q, K+2) ensembled probabilities over `vocab` + `phrase` (class K) + no object, for `state`'s queries.
 
-    `model` is the ODISE network that produced `state` with `vocab`.
+    `model` is the ODISE network (odise_core.modeling.odise) that produced `state` with `vocab`.
     """
     extended = extended_vocabulary(vocab, phrase)
     k = len(extended)

@@ -13,7 +13,7 @@ from backend.ls_format import brush_rle_decode
 from backend.model import ODISEBackend
 from backend.settings import BackendSettings
 from odise_core.config import get_config
-from odise_core.model import ODISE
+from odise_core.predictor import ODISEPredictor, build_predictor
 from odise_core.phrase import extended_vocabulary
 from odise_core.query_state import MAX_MASK_SIDE, QueryState, bounded_mask_logits
 from odise_core.selection import select_phrase
@@ -25,13 +25,13 @@ PHOTO = skimage.data.coffee()[::2, ::2].copy()  # 200 x 300
 
 
 @pytest.fixture(scope="module")
-def model() -> ODISE:
+def model() -> ODISEPredictor:
     cfg = get_config("tiny")
     cfg.precision = "fp32"
-    return ODISE.from_config(cfg, device="cpu")
+    return build_predictor(cfg, device="cpu")
 
 
-def test_query_state_holds_the_prediction_s_queries(model: ODISE):
+def test_query_state_holds_the_prediction_s_queries(model: ODISEPredictor):
     state = model.query_state(PHOTO, VOCAB)
     raw = model.predict_raw(PHOTO, VOCAB)
     q = raw.class_probs.shape[0]
@@ -46,7 +46,7 @@ def test_query_state_holds_the_prediction_s_queries(model: ODISE):
                                (state.mask_logits, state.class_probs, state.mask_embed, state.clip_embeds))
 
 
-def test_phrase_scoring_reproduces_the_vocabulary_and_picks_the_matching_query(model: ODISE):
+def test_phrase_scoring_reproduces_the_vocabulary_and_picks_the_matching_query(model: ODISEPredictor):
     state = model.query_state(PHOTO, VOCAB)
     probs = model.phrase_probabilities(state, VOCAB, "zebra")
     assert probs.shape == (state.class_probs.shape[0], len(VOCAB) + 2)
@@ -55,11 +55,13 @@ def test_phrase_scoring_reproduces_the_vocabulary_and_picks_the_matching_query(m
     # Make query 3 look exactly like "zebra" to both classifiers and the others like "table".
     head = model.cfg.head
 
+    network = model.model
+
     def raw_text(prompt: str, name: str) -> torch.Tensor:
-        return model.text_cache.get(model.clip, model.model_key, prompt, [name])
+        return network.text_cache.get(network.clip, network.model_key, prompt, [name])
 
     with torch.no_grad():
-        label_dir = {n: model.category_head.text_proj(raw_text(head.label_prompt, n))[0] for n in ("zebra", "table")}
+        label_dir = {n: network.category_head.text_proj(raw_text(head.label_prompt, n))[0] for n in ("zebra", "table")}
     clip_dir = {n: F.normalize(raw_text(head.clip_prompt, n), dim=-1)[0] for n in ("zebra", "table")}
     q = state.class_probs.shape[0]
     which = ["zebra" if i == 3 else "table" for i in range(q)]

@@ -27,7 +27,7 @@ from torch import nn
 from backend.learning import (Job, JobManager, ServingModels, TrainPolicy, VersionIncompatible, VersionStore,
                               copy_sharing_frozen, is_better)
 from backend.training_data import TrainingData
-from odise_core.training import TrainSample
+from odise_core.training.finetune import TrainSample
 from odise_core.types import RawPrediction, Segment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -516,7 +516,7 @@ def test_jobs_hold_the_shared_model_lock_for_forward_passes(tmp_path):
 
 
 def test_promotion_rule_breaks_pq_ties_with_miou():
-    from odise_core.evaluation import EvalResult
+    from odise_core.tools.evaluation import EvalResult
 
     def r(pq: float, miou: float) -> EvalResult:
         return EvalResult(pq, 0, 0, 0, 0, 0, 0, miou, 1)

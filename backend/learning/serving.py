@@ -14,6 +14,7 @@ import threading
 from typing import Any, Callable
 
 from backend.learning.store import VersionStore
+from odise_core.predictor import ODISEPredictor
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +30,15 @@ class VersionIncompatible(ValueError):
 
 
 def copy_sharing_frozen(model: Any) -> Any:
-    """Copy of `model` whose trainable parts are independent and whose frozen parts are shared.
+    """Copy of `model` (a network, or a predictor over one) whose trainable parts are independent and
+    whose frozen parts are shared.
 
     The backbone (SD + captioner), CLIP, the text-embedding cache and every frozen parameter/buffer
     are the same objects as in `model`, so a copy costs only the memory of the heads: used for
     fine-tune candidates and for serving a project's fine-tuned version beside the base model.
     """
+    if isinstance(model, ODISEPredictor):
+        return ODISEPredictor(copy_sharing_frozen(model.model))
     memo: dict[int, Any] = {}
     frozen_prefixes = tuple(getattr(model, "FROZEN_PREFIXES", ()))
     for name in SHARED_SUBMODULES:
@@ -123,8 +127,7 @@ class ServingModels:
             cached = self._cache.get(key)
         if cached is None or cached[0] != version:
             model = copy_sharing_frozen(base)
-            load_version(model, self.store, key, version)
-            model.eval()
+            load_version(model, self.store, key, version)  # a copy of the eval-mode base: eval mode too
             cached = (version, model)
             with self._lock:
                 self._cache[key] = cached
