@@ -19,7 +19,7 @@ from odise_core.config import ModelConfig
 from odise_core.modeling.head import clip_class_logits, geometric_ensemble
 from odise_core.modeling.odise import ODISE
 from odise_core.phrase import phrase_probabilities
-from odise_core.postprocess import MODES, segments_for_mode
+from odise_core.postprocess import DIRECT_BUDGET_BYTES, MODES, segments_for_mode
 from odise_core.preprocess import Prepared, load_image, prepare
 from odise_core.query_state import QueryState, bounded_mask_logits
 from odise_core.types import RawPrediction, Segment
@@ -89,6 +89,9 @@ class ODISEPredictor:
 
     def __init__(self, model: ODISE):
         self.model = model
+        # Panoptic post-processing upsamples all kept queries at once up to this many bytes, else one by
+        # one (same segments, bounded memory on big photos); None: always at once (benchmarks/big_image.py).
+        self.mask_budget_bytes: int | None = DIRECT_BUDGET_BYTES
         self.apply_precision()
 
     @property
@@ -179,7 +182,7 @@ class ODISEPredictor:
         run = self._forward(image, vocab)
         t = time.perf_counter()
         segments = segments_for_mode(run.probs, run.mask_logits, vocab.is_thing, self.cfg.head, run.prep.resized_size,
-                                     run.prep.original_size, mode)
+                                     run.prep.original_size, mode, self.mask_budget_bytes)
         run.timings["postprocess"] = time.perf_counter() - t
         return RawPrediction(segments=segments, class_probs=run.probs.cpu(), mask_logits=run.mask_logits.cpu(),
                              image_size=run.prep.original_size, timings=run.timings)
