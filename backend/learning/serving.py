@@ -19,8 +19,8 @@ log = logging.getLogger(__name__)
 
 SHARED_SUBMODULES = ("backbone", "clip", "text_cache")
 # Configuration fields that change how a model is run, not the weights it has.
-SERVING_FIELDS = ("name", "precision", "seed", "checkpoint", "diffusion.pretrained", "clip.pretrained",
-                  "backbone.min_size", "backbone.max_size", "head.object_mask_threshold",
+SERVING_FIELDS = ("name", "precision", "seed", "checkpoint", "weights_dir", "offline", "diffusion.pretrained",
+                  "clip.pretrained", "backbone.min_size", "backbone.max_size", "head.object_mask_threshold",
                   "head.overlap_threshold", "head.mask_threshold", "head.max_instances")
 
 
