@@ -147,9 +147,9 @@ def _label_studio(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
 def _source(args: argparse.Namespace) -> Source:
     from backend.training_data import build_training_data, fetch_annotated_tasks, split_samples
-    from odise_core.evaluation import load_coco_folder, merge_stuff
+    from odise_core.tools.evaluation import load_coco_folder, merge_stuff
     from odise_core.preprocess import load_image
-    from odise_core.training import TrainSample
+    from odise_core.training.finetune import TrainSample
     from odise_core.vocabulary import VocabClass, Vocabulary
 
     import numpy as np
@@ -198,7 +198,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from backend.learning import JobManager, ServingModels, TrainPolicy, run_finetune
-    from odise_core.training import FinetuneOptions
+    from odise_core.training.finetune import FinetuneOptions
 
     source = _source(args)
     settings, model, base = _build_model(args)
@@ -317,7 +317,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     from backend.learning import VersionStore
     from backend.learning.promotion import ground_truth_segments
-    from odise_core.evaluation import Evaluator
+    from odise_core.tools.evaluation import Evaluator
 
     source = _source(args)
     settings, model, base = _build_model(args)

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from backend.ls_format import result_mask
-from odise_core.training import TrainSample
+from odise_core.training.finetune import TrainSample
 
 log = logging.getLogger(__name__)
 

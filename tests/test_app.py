@@ -26,7 +26,7 @@ from backend.model import BackendSettings, ODISEBackend
 from backend.training_data import TrainingData
 from odise_core.config import get_config
 from odise_core.geometry import mask_iou, polygons_to_mask
-from odise_core.training import TrainSample
+from odise_core.training.finetune import TrainSample
 from odise_core.types import RawPrediction, Segment
 
 CONFIG = """<View><Image name="image" value="$image"/>

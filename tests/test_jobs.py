@@ -16,6 +16,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+import dataclasses
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -27,7 +28,7 @@ from torch import nn
 from backend.learning import (Job, JobManager, ServingModels, TrainPolicy, VersionIncompatible, VersionStore,
                               copy_sharing_frozen, is_better)
 from backend.training_data import TrainingData
-from odise_core.training import TrainSample
+from odise_core.training.finetune import TrainSample
 from odise_core.types import RawPrediction, Segment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +40,13 @@ class FakeConfig:
     name: str = "fake-preset"
     width: int = 4
     precision: str = "auto"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FakeConfig":
+        return cls(**data)
 
 
 class FakeModel(nn.Module):
@@ -474,7 +482,7 @@ def test_kill_9_mid_training_leaves_previous_version_serving(tmp_path, mode):
     marker = tmp_path / "marker"
     proc = subprocess.Popen([sys.executable, str(script), mode, str(models), str(marker)])
     try:
-        deadline = time.time() + 60
+        deadline = time.time() + 300  # a loaded machine needs minutes just to import torch
         while time.time() < deadline:
             if marker.exists() and (mode == "train" or any(p.name.startswith(".tmp-") for p in (models / "7").iterdir())):
                 break
@@ -516,7 +524,7 @@ def test_jobs_hold_the_shared_model_lock_for_forward_passes(tmp_path):
 
 
 def test_promotion_rule_breaks_pq_ties_with_miou():
-    from odise_core.evaluation import EvalResult
+    from odise_core.tools.evaluation import EvalResult
 
     def r(pq: float, miou: float) -> EvalResult:
         return EvalResult(pq, 0, 0, 0, 0, 0, 0, miou, 1)

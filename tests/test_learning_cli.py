@@ -14,7 +14,7 @@ from PIL import Image
 from backend.cli import main
 from backend.learning import ServingModels, VersionStore, evaluate_model, is_better
 from odise_core.geometry import coco_rle_encode
-from odise_core.synthetic import CLASS_NAMES, IS_THING, make_dataset
+from odise_core.tools.synthetic import CLASS_NAMES, IS_THING, make_dataset
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +50,9 @@ def _samples(coco_dir: Path) -> tuple[list, list, object]:
 
 def _tiny_with(store: VersionStore, version: str | None):
     from odise_core.config import get_config
-    from odise_core.model import ODISE
+    from odise_core.predictor import build_predictor
 
-    model = ODISE.from_config(get_config("tiny"), device="cpu")
+    model = build_predictor(get_config("tiny"), device="cpu")
     return ServingModels(store, lambda: model).get("syn")[1] if version else model
 
 

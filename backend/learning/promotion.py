@@ -7,7 +7,7 @@ from typing import Any, ContextManager
 import numpy as np
 import torch
 
-from odise_core.evaluation import EvalResult, Evaluator
+from odise_core.tools.evaluation import EvalResult, Evaluator
 from odise_core.types import Segment
 
 

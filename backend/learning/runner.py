@@ -28,7 +28,7 @@ from backend.learning.serving import copy_sharing_frozen, model_config
 from backend.learning.store import VersionStore
 from backend.learning.training import run_finetune
 from backend.training_data import TrainingData
-from odise_core.evaluation import EvalResult
+from odise_core.tools.evaluation import EvalResult
 
 log = logging.getLogger(__name__)
 

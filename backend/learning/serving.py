@@ -8,12 +8,12 @@ Serving-time settings (precision, fast window, thresholds, weight sources) may d
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import threading
 from typing import Any, Callable
 
 from backend.learning.store import VersionStore
+from odise_core.predictor import ODISEPredictor
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +29,15 @@ class VersionIncompatible(ValueError):
 
 
 def copy_sharing_frozen(model: Any) -> Any:
-    """Copy of `model` whose trainable parts are independent and whose frozen parts are shared.
+    """Copy of `model` (a network, or a predictor over one) whose trainable parts are independent and
+    whose frozen parts are shared.
 
     The backbone (SD + captioner), CLIP, the text-embedding cache and every frozen parameter/buffer
     are the same objects as in `model`, so a copy costs only the memory of the heads: used for
     fine-tune candidates and for serving a project's fine-tuned version beside the base model.
     """
+    if isinstance(model, ODISEPredictor):
+        return ODISEPredictor(copy_sharing_frozen(model.model))
     memo: dict[int, Any] = {}
     frozen_prefixes = tuple(getattr(model, "FROZEN_PREFIXES", ()))
     for name in SHARED_SUBMODULES:
@@ -50,17 +53,8 @@ def copy_sharing_frozen(model: Any) -> Any:
 
 
 def model_config(model: Any) -> dict[str, Any]:
-    """The full configuration `model` was built from, as a JSON-ready dict."""
-    cfg = model.cfg
-    return cfg.to_dict() if hasattr(cfg, "to_dict") else _plain(dataclasses.asdict(cfg))
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+    """The full configuration `model` was built from, as a JSON-ready dict (ModelConfig.to_dict)."""
+    return model.cfg.to_dict()
 
 
 def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -77,7 +71,7 @@ def architecture_differences(trained: dict[str, Any], serving: dict[str, Any]) -
     """Configuration fields (outside SERVING_FIELDS) whose values differ, as "field: trained vs serving"."""
     a, b = _flatten(trained), _flatten(serving)
     return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b))
-            if k not in SERVING_FIELDS and _plain(a.get(k)) != _plain(b.get(k))]
+            if k not in SERVING_FIELDS and a.get(k) != b.get(k)]
 
 
 def load_version(model: Any, store: VersionStore, project: str | int, version: str) -> None:
@@ -85,8 +79,9 @@ def load_version(model: Any, store: VersionStore, project: str | int, version: s
 
     Raises VersionIncompatible when the version was trained under another architecture.
     """
-    trained = store.config(project, version)
-    if trained is not None:
+    stored = store.config(project, version)
+    if stored is not None:
+        trained = type(model.cfg).from_dict(stored).to_dict()  # rebuilt exactly, defaults for newer fields
         serving = model_config(model)
         differences = architecture_differences(trained, serving)
         if differences:
@@ -123,8 +118,7 @@ class ServingModels:
             cached = self._cache.get(key)
         if cached is None or cached[0] != version:
             model = copy_sharing_frozen(base)
-            load_version(model, self.store, key, version)
-            model.eval()
+            load_version(model, self.store, key, version)  # a copy of the eval-mode base: eval mode too
             cached = (version, model)
             with self._lock:
                 self._cache[key] = cached

@@ -18,7 +18,7 @@ TRAIN_ENV = {"ODISE_TRAIN_STEPS": ("steps", int), "ODISE_TRAIN_LR": ("lr", float
 
 def default_finetune_options() -> Any:
     """FinetuneOptions, with the fields named in TRAIN_ENV taken from those env vars when set."""
-    from odise_core.training import FinetuneOptions
+    from odise_core.training.finetune import FinetuneOptions
 
     opts = FinetuneOptions()
     for env, (attr, kind) in TRAIN_ENV.items():
@@ -29,16 +29,19 @@ def default_finetune_options() -> Any:
 
 def run_finetune(model: Any, data: TrainingData, vocab: Any, job: Job, feature_lock: ContextManager,
                  options: Any | None = None) -> Any:
-    """Fine-tune `model` on the job's training samples, reporting progress into `job`.
+    """Fine-tune `model` (a predictor: its network is trained) on the job's training samples, reporting
+    progress into `job`.
 
     `feature_lock` is held around each pass through the backbone the serving model shares.
     """
-    from odise_core.training import finetune
+    from odise_core.predictor import ODISEPredictor
+    from odise_core.training.finetune import finetune
 
     def progress(step: int, total: int, loss: float) -> None:
         job.step, job.total_steps, job.loss = int(step), int(total), float(loss)
 
     opts = options if options is not None else default_finetune_options()
     job.total_steps = opts.steps
-    return finetune(model, data.train, opts, progress=progress, should_stop=lambda: job.stop_requested,
+    network = model.model if isinstance(model, ODISEPredictor) else model
+    return finetune(network, data.train, opts, progress=progress, should_stop=lambda: job.stop_requested,
                     vocab=vocab, feature_lock=feature_lock)

@@ -2,7 +2,7 @@
 better predictions on the held-out tasks; and one fine-tune per round when Start Training races the
 annotation webhooks, judged against the version serving at judgement time.
 
-Tasks are generated scenes (odise_core.synthetic) whose ground truth is known, annotated through the
+Tasks are generated scenes (odise_core.tools.synthetic) whose ground truth is known, annotated through the
 Label Studio API with polygons; each annotation fires Label Studio's ANNOTATION_CREATED webhook at
 the backend, whose policy (minimum count + debounce) starts one fine-tune. Predictions retrieved
 through Label Studio before and after are scored against the ground truth of the held-out tasks.
@@ -20,12 +20,11 @@ import requests
 from PIL import Image
 
 from backend.label_config import make_label_config
-from backend.learning import is_better
-from backend.learning import JobManager
+from backend.learning import JobManager, is_better
 from backend.training_data import holdout_key, split_samples
-from odise_core.evaluation import evaluate
 from odise_core.geometry import PolygonOptions, mask_to_polygons, polygons_to_mask
-from odise_core.synthetic import CLASS_NAMES, IS_THING, make_dataset
+from odise_core.tools.evaluation import evaluate
+from odise_core.tools.synthetic import CLASS_NAMES, IS_THING, make_dataset
 from odise_core.types import Segment
 from odise_core.vocabulary import VocabClass, Vocabulary
 
@@ -280,7 +279,7 @@ def test_start_training_racing_the_webhooks_gives_one_fine_tune_per_round(label_
 
 
 def _figures(d: dict) -> Any:
-    from odise_core.evaluation import EvalResult
+    from odise_core.tools.evaluation import EvalResult
 
     nan = float("nan")
     return EvalResult(*(nan if d[k] is None else d[k] for k in ("pq", "sq", "rq", "pq_things", "pq_stuff", "mask_ap",
