@@ -15,8 +15,8 @@ from urllib.parse import parse_qs, unquote, urlparse
 
 import numpy as np
 from PIL import Image
-from pycocotools import mask as mask_utils
 
+from odise_core.geometry import coco_rle_encode, mask_bbox
 from odise_core.types import Segment
 
 log = logging.getLogger(__name__)
@@ -71,12 +71,6 @@ def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
     return rgb[..., 0] + 256 * rgb[..., 1] + 256**2 * rgb[..., 2]
 
 
-def _bbox(mask: np.ndarray) -> list[int]:
-    """[x, y, w, h] of a non-empty boolean mask."""
-    ys, xs = np.nonzero(mask)
-    return [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
-
-
 def _check(image: ExportImage, categories: Sequence[Category]) -> None:
     for seg in image.segments:
         if seg.mask.shape != (image.height, image.width):
@@ -109,7 +103,7 @@ def panoptic_map(image: ExportImage, categories: Sequence[Category]) -> tuple[np
     for entry in info:
         mask = ids == entry["id"]
         if mask.any():
-            kept.append({**entry, "area": int(mask.sum()), "bbox": _bbox(mask)})
+            kept.append({**entry, "area": int(mask.sum()), "bbox": list(mask_bbox(mask))})
     return ids, kept
 
 
@@ -155,12 +149,6 @@ def export_coco_panoptic(images: Iterable[ExportImage], categories: Sequence[Cat
     return path
 
 
-def encode_rle(mask: np.ndarray) -> dict[str, Any]:
-    """COCO compressed RLE of a boolean mask, JSON-ready (counts as str)."""
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
-
-
 def export_coco_instances(images: Iterable[ExportImage], categories: Sequence[Category], out_path: str | Path,
                           with_scores: bool = False) -> Path:
     """Write the thing segments as COCO instances JSON (RLE masks); stuff segments are left out."""
@@ -171,10 +159,10 @@ def export_coco_instances(images: Iterable[ExportImage], categories: Sequence[Ca
         for seg in image.segments:
             if not categories[seg.class_index].isthing or not seg.mask.any():
                 continue
-            rle = encode_rle(seg.mask)
+            rle = coco_rle_encode(seg.mask)
             ann = {"id": len(annotations) + 1, "image_id": image.id, "category_id": categories[seg.class_index].id,
-                   "segmentation": rle, "area": float(mask_utils.area({**rle, "counts": rle["counts"].encode()})),
-                   "bbox": [float(v) for v in _bbox(seg.mask)], "iscrowd": 0}
+                   "segmentation": rle, "area": float(seg.mask.sum()),
+                   "bbox": [float(v) for v in mask_bbox(seg.mask)], "iscrowd": 0}
             if with_scores:
                 ann["score"] = float(seg.score)
             annotations.append(ann)
@@ -199,7 +187,7 @@ def segments_to_coco_json(segments: Sequence[Segment], vocab: Any, file_name: st
         cat = categories[seg.class_index]
         out.append({"id": i, "category_id": cat.id, "category": cat.name, "isthing": int(cat.isthing),
                     "score": round(float(seg.score), 4), "area": int(seg.mask.sum()),
-                    "bbox": _bbox(seg.mask), "segmentation": encode_rle(seg.mask)})
+                    "bbox": list(mask_bbox(seg.mask)), "segmentation": coco_rle_encode(seg.mask)})
     return {"file_name": file_name, "height": h, "width": w, "categories": _categories_json(categories),
             "segments": out}
 
