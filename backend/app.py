@@ -10,13 +10,13 @@ POST /job_status status of a project's training job
 GET  /versions   model versions available to a project
 GET  /metrics    request counters and timings
 
-Errors are JSON {"error": message} with 400 (bad request/config), 401 (basic auth), 404, 405,
-500, and 503 + Retry-After while the model loads. gunicorn: `gunicorn 'backend.app:create_app()'`
+Errors are JSON {"error": message} with 400 (bad body, field or config), 401 (basic auth or webhook
+secret), 404, 405, 413 (body over MAX_REQUEST_MB), 415 (not JSON), 500, and 503 + Retry-After while
+the model loads. gunicorn: `gunicorn 'backend.app:create_app()'`
 with one worker and several threads (each worker holds its own model).
 """
 from __future__ import annotations
 
-import hmac
 import logging
 import os
 import threading
@@ -24,10 +24,13 @@ import time
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from backend.auth import WEBHOOK_SECRET_HEADER, WEBHOOK_SECRET_PARAM, RequestAuth
 from backend.label_config import LabelConfigError
-from backend.model import BackendSettings, ModelLoadFailed, ModelNotReady, ODISEBackend, project_id_of
+from backend.model import BackendSettings, ModelLoadFailed, ModelNotReady, ODISEBackend
+from backend.protocol import (BadRequest, WebhookRequest, parse_json_object, project_id, read_job_status, read_predict,
+                              read_setup, read_train, read_webhook)
 
 log = logging.getLogger(__name__)
 
@@ -72,40 +75,60 @@ def _error(message: str, status: int, **headers: str) -> Response:
     return response
 
 
-def _json_body() -> dict:
-    data = request.get_json(silent=True)
-    if not isinstance(data, dict):
-        raise _BadRequest("the request body must be a JSON object")
-    return data
+def _json_body() -> dict[str, Any]:
+    """The body as a JSON object; RequestEntityTooLarge past MAX_CONTENT_LENGTH, with or without Content-Length.
 
-
-class _BadRequest(ValueError):
-    pass
+    Werkzeug refuses a Content-Length over the limit before reading, but stops a chunked body silently at
+    the limit: a chunked body that fills the limit is refused here rather than parsed truncated.
+    """
+    body = request.stream.read()
+    limit = request.max_content_length
+    if request.content_length is None and limit is not None and len(body) >= limit:
+        raise RequestEntityTooLarge()
+    return parse_json_object(body, request.mimetype)
 
 
 def create_app(backend: ODISEBackend | None = None, settings: BackendSettings | None = None,
-               basic_auth: tuple[str, str] | None = None, load: bool = True) -> Flask:
-    """The WSGI app; builds an ODISEBackend from env vars unless one is given and starts loading its model."""
+               basic_auth: tuple[str, str] | None = None, webhook_secret: str | None = None,
+               load: bool = True) -> Flask:
+    """The WSGI app; builds an ODISEBackend from env vars unless one is given and starts loading its model.
+
+    `basic_auth` and `webhook_secret` default to BASIC_AUTH_USER/BASIC_AUTH_PASS and the backend's settings.
+    """
     if backend is None:
         backend = ODISEBackend(settings or BackendSettings.from_env())
         if load:
             backend.start_loading(background=True)
     if basic_auth is None and os.environ.get("BASIC_AUTH_USER") and os.environ.get("BASIC_AUTH_PASS"):
         basic_auth = (os.environ["BASIC_AUTH_USER"], os.environ["BASIC_AUTH_PASS"])
+    auth = RequestAuth(basic_auth, webhook_secret or backend.settings.webhook_secret)
+    for warning in auth.warnings():
+        log.warning("%s", warning)
+    if auth.webhook_secret and not auth.enabled:
+        log.warning("WEBHOOK_SECRET is set without BASIC_AUTH_USER/BASIC_AUTH_PASS: every endpoint is open anyway")
+    limit_mb = backend.settings.max_request_mb
     app = Flask("odise-label-studio")
+    app.config["MAX_CONTENT_LENGTH"] = int(limit_mb * 2 ** 20)
     app.config["backend"] = backend
     metrics = _Metrics()
     app.config["metrics"] = metrics
 
     @app.before_request
     def _check_auth() -> Response | None:
-        if basic_auth is None:
+        if auth.basic_ok(request.authorization):
             return None
-        auth = request.authorization
-        ok = auth is not None and auth.username is not None and auth.password is not None and \
-            hmac.compare_digest(auth.username, basic_auth[0]) and hmac.compare_digest(auth.password, basic_auth[1])
-        if ok:
-            return None
+        if request.endpoint == "health":
+            return None  # open: liveness for Docker and load balancers; details need credentials (see health)
+        if request.endpoint == "webhook":
+            if auth.webhook_secret_ok(request.headers.get(WEBHOOK_SECRET_HEADER),
+                                      request.args.get(WEBHOOK_SECRET_PARAM)):
+                return None
+            auth.refused_webhook()
+            log.warning("webhook refused: no basic auth and no valid %s header or ?%s= parameter",
+                        WEBHOOK_SECRET_HEADER, WEBHOOK_SECRET_PARAM)
+            return _error("webhook not authenticated: add the X-Webhook-Secret header (WEBHOOK_SECRET) or basic "
+                          "auth to the project's webhook in Label Studio", 401,
+                          **{"WWW-Authenticate": 'Basic realm="odise-label-studio"'})
         return _error("basic authentication required: set the same user/password in the Label Studio model "
                       "connection", 401, **{"WWW-Authenticate": 'Basic realm="odise-label-studio"'})
 
@@ -114,10 +137,18 @@ def create_app(backend: ODISEBackend | None = None, settings: BackendSettings | 
         metrics.count(request.endpoint or "unknown", response.status_code)
         return response
 
-    @app.errorhandler(_BadRequest)
+    @app.errorhandler(BadRequest)
+    def _bad_body(e: BadRequest) -> Response:
+        return _error(str(e), e.status)
+
     @app.errorhandler(LabelConfigError)
-    def _bad_request(e: Exception) -> Response:
+    def _bad_config(e: LabelConfigError) -> Response:
         return _error(str(e), 400)
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def _too_large(e: RequestEntityTooLarge) -> Response:
+        return _error(f"request body over the {limit_mb:g} MiB limit (MAX_REQUEST_MB): predict fewer tasks per "
+                      "request (select fewer in Label Studio) or raise MAX_REQUEST_MB", 413)
 
     @app.errorhandler(ModelNotReady)
     def _not_ready(e: ModelNotReady) -> Response:
@@ -136,11 +167,16 @@ def create_app(backend: ODISEBackend | None = None, settings: BackendSettings | 
         log.exception("unhandled error on %s", request.path)
         return _error(f"internal error: {type(e).__name__}: {e}", 500)
 
-    @app.get("/")
-    @app.get("/health")
+    @app.get("/", endpoint="health")
+    @app.get("/health", endpoint="health")
     def health() -> Response:
-        body = {"status": "UP", "model_class": "ODISEBackend", "model_state": backend.state.value,
-                "preset": backend.settings.preset}
+        body = {"status": "UP", "model_class": "ODISEBackend", "model_state": backend.state.value}
+        warnings = auth.warnings()
+        if warnings:
+            body["warnings"] = warnings
+        if not auth.basic_ok(request.authorization):
+            return jsonify(body)  # without credentials: no preset, version or load error (paths, hosts)
+        body["preset"] = backend.settings.preset
         if backend.base_version:
             body["model_version"] = backend.base_version
         if backend.error:
@@ -149,63 +185,45 @@ def create_app(backend: ODISEBackend | None = None, settings: BackendSettings | 
 
     @app.post("/setup")
     def setup() -> Response:
-        data = _json_body()
-        schema = data.get("schema") or data.get("label_config")
-        if not isinstance(schema, str):
-            raise _BadRequest('"schema" (the project label config) is required')
-        version = backend.setup(data.get("project"), schema, hostname=data.get("hostname"),
-                                access_token=data.get("access_token"))
+        req = read_setup(_json_body())
+        version = backend.setup(req.project, req.label_config, hostname=req.hostname, access_token=req.access_token)
         return jsonify({"model_version": version})
 
     @app.post("/predict")
     def predict() -> Response:
-        data = _json_body()
-        tasks = data.get("tasks")
-        label_config = data.get("label_config")
-        if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
-            raise _BadRequest('"tasks" must be a list of task objects')
-        if not isinstance(label_config, str):
-            raise _BadRequest('"label_config" is required')
+        req = read_predict(_json_body())
         t0 = time.perf_counter()
-        params = data.get("params")
-        context = params.get("context") if isinstance(params, dict) else None
-        results, version = backend.predict(tasks, label_config, data.get("project"), context=context)
-        metrics.predicted(len(tasks), sum("error" in r for r in results), time.perf_counter() - t0)
+        results, version = backend.predict(req.tasks, req.label_config, req.project, context=req.context)
+        metrics.predicted(len(req.tasks), sum("error" in r for r in results), time.perf_counter() - t0)
         return jsonify({"results": results, "model_version": version})
 
     @app.post("/webhook")
     def webhook() -> Response:
-        data = _json_body()
-        event = data.get("action")
-        if not isinstance(event, str):
-            raise _BadRequest('webhook payload needs an "action"')
-        try:
-            return jsonify(backend.handle_webhook(event, data))
-        except ValueError as e:
-            raise _BadRequest(str(e)) from e
+        return _train(read_webhook(_json_body())), 200
 
     @app.post("/train")
     def train() -> Response:
-        data = _json_body()
-        project = {"id": project_id_of(data.get("project")), "label_config": data.get("label_config")}
+        return _train(read_train(_json_body())), 201
+
+    def _train(req: WebhookRequest) -> Response:
         try:
-            return jsonify(backend.handle_webhook("START_TRAINING", {"project": project})), 201
+            return jsonify(backend.handle_webhook(req.action, req.payload))
         except ValueError as e:
-            raise _BadRequest(str(e)) from e
+            raise BadRequest(str(e)) from e
 
     @app.post("/job_status")
     def job_status() -> Response:
-        data = _json_body()
-        job = backend.find_job(str(data.get("job") or ""))
+        job_id = read_job_status(_json_body())
+        job = backend.find_job(job_id)
         if job is None:
-            return _error(f"no training job {data.get('job')!r}", 410)
+            return _error(f"no training job {job_id!r}", 410)
         body = job.as_dict()
         body["job_status"] = {"done": "finished"}.get(job.state, job.state)
         return jsonify(body)
 
     @app.get("/versions")
     def versions() -> Response:
-        return jsonify({"versions": backend.versions(request.args.get("project"))})
+        return jsonify({"versions": backend.versions(project_id(request.args.get("project"), "project"))})
 
     @app.get("/metrics")
     def get_metrics() -> Response:

@@ -21,6 +21,8 @@ loaders as fields of the model configuration.
 | POLYGON_TOLERANCE, MAX_POINTS, MIN_AREA, SCORE_THRESHOLD, KEEP_HOLES | | 1.0, 500, 64, 0.0, true | result shaping |
 | IMAGE_TIMEOUT, MAX_IMAGE_MB, ALLOW_LOCAL_PATHS | | 30, 50, true | image fetching |
 | INTERACTIVE_CACHE_MB | | 512 | memory kept for interactive answers (per-task query states, LRU) |
+| WEBHOOK_SECRET | | unset | with basic auth: lets Label Studio's webhooks into /webhook by X-Webhook-Secret or ?secret= |
+| MAX_REQUEST_MB | | 100 | largest request body; a larger one is answered 413 before it is read |
 """
 from __future__ import annotations
 
@@ -93,6 +95,8 @@ class BackendSettings:
     max_image_mb: float = 50.0
     allow_local_paths: bool = True
     interactive_cache_mb: float = 512.0
+    webhook_secret: str | None = None
+    max_request_mb: float = 100.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "BackendSettings":
@@ -127,6 +131,8 @@ class BackendSettings:
             max_image_mb=_env_number(env, "MAX_IMAGE_MB", float, d.max_image_mb),
             allow_local_paths=env_bool(env, "ALLOW_LOCAL_PATHS", d.allow_local_paths),
             interactive_cache_mb=_env_number(env, "INTERACTIVE_CACHE_MB", float, d.interactive_cache_mb),
+            webhook_secret=env.get("WEBHOOK_SECRET") or None,
+            max_request_mb=_env_number(env, "MAX_REQUEST_MB", float, d.max_request_mb),
         )
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(overrides) - names
@@ -156,6 +162,8 @@ class BackendSettings:
         for name, value, allowed in checks:
             if value not in allowed:
                 raise SettingsError(f"{name} {value!r} is not one of {', '.join(allowed)}")
+        if self.max_request_mb <= 0:
+            raise SettingsError(f"MAX_REQUEST_MB={self.max_request_mb:g} must be above 0")
 
     def model_config(self) -> Any:
         """The odise_core ModelConfig these settings ask for (a fresh copy of the preset, changed)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import threading
 import time
 from pathlib import Path
@@ -14,9 +15,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import requests
 import torch
 from PIL import Image
 from torch import nn
+from werkzeug.serving import make_server
+from werkzeug.test import EnvironBuilder, run_wsgi_app
 
 from backend.app import create_app
 from backend.model import BackendSettings, ODISEBackend
@@ -141,9 +145,6 @@ def test_one_bad_task_does_not_fail_the_batch(ready) -> None:
 
 def test_bad_requests_get_json_errors(ready) -> None:
     _, client = ready
-    r = client.post("/predict", data="not json", content_type="application/json")
-    assert r.status_code == 400 and "JSON object" in r.get_json()["error"]
-    assert client.post("/predict", json={"label_config": CONFIG}).status_code == 400
     r = client.post("/setup", json={"project": "1.1", "schema": "<View><Text name='t' value='$t'/></View>"})
     assert r.status_code == 400 and "PolygonLabels" in r.get_json()["error"]
     assert "PolygonLabels" in r.status, "Label Studio shows only the reason phrase to its users"
@@ -151,6 +152,135 @@ def test_bad_requests_get_json_errors(ready) -> None:
     assert r.status_code == 400
     assert client.get("/nope").status_code == 404 and "error" in client.get("/nope").get_json()
     assert client.get("/predict").status_code == 405 and "error" in client.get("/predict").get_json()
+
+
+JSON = "application/json"
+GOOD_TASKS = [{"id": 1, "data": {"image": "x"}}]
+BAD_BODIES = [  # endpoint, body, content type, status, what the message must say
+    ("/predict", "not json", JSON, 400, "the body is not valid JSON: Expecting value at line 1 column 1"),
+    ("/predict", "[" * 100000 + "]" * 100000, JSON, 400, "nested too deeply (at most 100 levels)"),
+    ("/predict", '{"tasks": ' + "[" * 150 + "]" * 150 + "}", JSON, 400, "nested too deeply"),
+    ("/predict", b'{"tasks": "\xff\xfe"}', JSON, 400, "not UTF-8"),
+    ("/predict", '{"tasks": []}', "text/plain", 415, "Content-Type: application/json, got text/plain"),
+    ("/predict", '{"tasks": []}', None, 415, "got no Content-Type"),
+    ("/predict", "", JSON, 400, "the request body is empty"),
+    ("/predict", "[1, 2]", JSON, 400, "must be a JSON object, got a JSON array"),
+    ("/predict", {"tasks": GOOD_TASKS, "label_config": 5}, JSON, 400,
+     '"label_config" (the project\'s label config XML) must be a string, got a JSON number'),
+    ("/predict", {"tasks": GOOD_TASKS}, JSON, 400, '"label_config" (the project\'s label config XML) is required'),
+    ("/predict", {"tasks": "x", "label_config": CONFIG}, JSON, 400, '"tasks" must be a list of task objects, got a JSON string'),
+    ("/predict", {"label_config": CONFIG}, JSON, 400, '"tasks" must be a list of task objects, got missing'),
+    ("/predict", {"tasks": [1], "label_config": CONFIG}, JSON, 400, '"tasks[0]" must be a task object, got a JSON number'),
+    ("/predict", {"tasks": [{"id": 1, "data": ["x"]}], "label_config": CONFIG}, JSON, 400,
+     '"tasks[0].data" must be an object of the task\'s data fields, got a JSON array'),
+    ("/predict", {"tasks": GOOD_TASKS, "label_config": CONFIG, "project": "../../etc"}, JSON, 400,
+     '"project" must be a project id or Label Studio\'s "<id>.<timestamp>", got "../../etc"'),
+    ("/setup", {"schema": 5}, JSON, 400, '"schema" (the project\'s label config XML) must be a string, got a JSON number'),
+    ("/setup", {"project": "1.2"}, JSON, 400, '"schema" (the project\'s label config XML) is required'),
+    ("/setup", {"schema": "  "}, JSON, 400, '"schema" (the project\'s label config XML) is empty'),
+    ("/setup", {"schema": CONFIG, "hostname": 3}, JSON, 400, '"hostname" (Label Studio\'s address) must be a string'),
+    ("/webhook", {}, JSON, 400, '"action" (the Label Studio event name) is required'),
+    ("/webhook", {"action": ["START_TRAINING"]}, JSON, 400, '"action" (the Label Studio event name) must be a string, got a JSON array'),
+    ("/webhook", {"action": "START_TRAINING", "project": "3"}, JSON, 400, '"project" must be the project object, got a JSON string'),
+    ("/webhook", {"action": "START_TRAINING", "project": {"id": True}}, JSON, 400, '"project.id" must be a project id'),
+    ("/webhook", {"action": "START_TRAINING", "project": {"id": 3, "label_config": {}}}, JSON, 400,
+     '"project.label_config" (the project\'s label config XML) must be a string, got a JSON object'),
+    ("/webhook", {"action": "START_TRAINING", "project": {"id": 3}}, JSON, 400, "needs project.id and project.label_config"),
+    ("/train", {"label_config": CONFIG}, JSON, 400, '"project" (Label Studio\'s "<id>.<timestamp>") is required'),
+    ("/train", {"project": "3.17", "label_config": None}, JSON, 400, '"label_config" (the project\'s label config XML) is required'),
+    ("/job_status", {"job": {"id": 1}}, JSON, 400, '"job" (the training job id) must be a string, got a JSON object'),
+]
+
+
+@pytest.mark.parametrize("endpoint,body,content_type,status,message", BAD_BODIES)
+def test_bad_bodies_get_4xx_naming_the_problem(ready, endpoint, body, content_type, status, message) -> None:
+    _, client = ready
+    data = json.dumps(body) if isinstance(body, dict) else body
+    r = client.post(endpoint, data=data, content_type=content_type)
+    assert r.status_code == status
+    assert message in r.get_json()["error"], r.get_json()["error"]
+    assert r.get_json()["status"] == status
+    # the server keeps serving
+    good = _predict(client, [{"id": 1, "data": {"image": _data_uri(_image())}}])
+    assert good.status_code == 200 and "result" in good.get_json()["results"][0]
+
+
+def test_versions_refuses_a_project_that_is_not_an_id(ready) -> None:
+    _, client = ready
+    r = client.get("/versions?project=../../x")
+    assert r.status_code == 400 and '"project" must be a project id' in r.get_json()["error"]
+
+
+class _CountingStream(io.RawIOBase):
+    """A request body of `size` bytes that records how much of it the server read."""
+
+    def __init__(self, size: int):
+        self.size, self.read_bytes = size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = min(len(buffer), self.size - self.read_bytes)
+        buffer[:n] = b" " * n
+        self.read_bytes += n
+        return n
+
+
+def _post_stream(app, stream: _CountingStream, content_length: int | None) -> tuple[int, dict]:
+    """POST /predict with `stream` as the raw body; without a length it is a chunked (terminated) input."""
+    environ = EnvironBuilder(path="/predict", method="POST", content_type=JSON).get_environ()
+    environ["wsgi.input"] = stream
+    if content_length is None:
+        environ.pop("CONTENT_LENGTH", None)
+        environ["wsgi.input_terminated"] = True
+    else:
+        environ["CONTENT_LENGTH"] = str(content_length)
+    body, status, _ = run_wsgi_app(app, environ, buffered=True)
+    return int(status.split()[0]), json.loads(b"".join(body))
+
+
+def test_request_size_limit_answers_413_before_reading_the_body(tmp_path: Path) -> None:
+    backend = _backend(tmp_path, max_request_mb=1)
+    backend.start_loading(background=False)
+    app = create_app(backend)
+    limit = 2 ** 20
+    # With a Content-Length over the limit, nothing is read.
+    stream = _CountingStream(3 * limit)
+    status, body = _post_stream(app, stream, 3 * limit)
+    assert status == 413 and stream.read_bytes == 0
+    assert body["error"].startswith("request body over the 1 MiB limit (MAX_REQUEST_MB)")
+    # Chunked (no Content-Length): reading stops at the limit.
+    stream = _CountingStream(3 * limit)
+    status, body = _post_stream(app, stream, None)
+    assert status == 413 and "1 MiB limit" in body["error"]
+    assert stream.read_bytes <= limit + 2 ** 16, f"read {stream.read_bytes} bytes of a body over the limit"
+    # Under the limit is served.
+    ok = _predict(app.test_client(), [{"id": 1, "data": {"image": _data_uri(_image())}}])
+    assert ok.status_code == 200 and "result" in ok.get_json()["results"][0]
+
+
+def test_request_size_limit_over_http(tmp_path: Path) -> None:
+    """A real server answers 413 to a body with Content-Length and to a chunked one, and keeps serving."""
+    backend = _backend(tmp_path, max_request_mb=1)
+    backend.start_loading(background=False)
+    server = make_server("127.0.0.1", 0, create_app(backend), threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.port}"
+    try:
+        body = b'{"tasks": [' + b" " * (2 * 2 ** 20) + b"]}"
+        r = requests.post(f"{url}/predict", data=body, headers={"Content-Type": JSON}, timeout=30)
+        assert r.status_code == 413 and "1 MiB limit (MAX_REQUEST_MB)" in r.json()["error"]
+        chunks = (body[i:i + 2 ** 16] for i in range(0, len(body), 2 ** 16))
+        r = requests.post(f"{url}/predict", data=chunks, headers={"Content-Type": JSON}, timeout=30)
+        assert r.request.headers.get("Transfer-Encoding") == "chunked"
+        assert r.status_code == 413 and "1 MiB limit" in r.json()["error"]
+        ok = requests.post(f"{url}/predict", timeout=30,
+                           json={"tasks": [{"id": 1, "data": {"image": _data_uri(_image())}}], "label_config": CONFIG})
+        assert ok.status_code == 200 and "result" in ok.json()["results"][0]
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_loading_answers_503_with_retry_after(tmp_path: Path) -> None:
@@ -202,10 +332,63 @@ def test_basic_auth(tmp_path: Path) -> None:
     backend = _backend(tmp_path)
     backend.start_loading(background=False)
     client = create_app(backend, basic_auth=("ls", "s3cret")).test_client()
-    r = client.get("/health")
-    assert r.status_code == 401 and r.headers["WWW-Authenticate"].startswith("Basic")
-    assert client.get("/health", auth=("ls", "wrong")).status_code == 401
-    assert client.get("/health", auth=("ls", "s3cret")).status_code == 200
+    for path in ("/predict", "/setup", "/train", "/job_status"):
+        r = client.post(path, json={})
+        assert r.status_code == 401 and r.headers["WWW-Authenticate"].startswith("Basic"), path
+    assert client.get("/metrics").status_code == 401 and client.get("/versions").status_code == 401
+    assert _predict(client, []).status_code == 401
+    r = client.post("/predict", auth=("ls", "wrong"), json={"tasks": [], "label_config": CONFIG})
+    assert r.status_code == 401
+    r = client.post("/predict", auth=("ls", "s3cret"), json={"tasks": [], "label_config": CONFIG})
+    assert r.status_code == 200 and r.get_json()["results"] == []
+    # /health answers without credentials (Docker HEALTHCHECK) but shows details only with them.
+    anonymous = client.get("/health").get_json()
+    assert anonymous["status"] == "UP" and anonymous["model_state"] == "ready"
+    assert "preset" not in anonymous and "model_version" not in anonymous
+    full = client.get("/health", auth=("ls", "s3cret")).get_json()
+    assert full["preset"] == "stand-in" and full["model_version"] == backend.base_version
+
+
+def _webhook(client, **kwargs):
+    return client.post("/webhook", json={"action": "TASKS_CREATED", "project": {"id": 3, "label_config": CONFIG}},
+                       **kwargs)
+
+
+def test_basic_auth_without_webhook_secret_warns_that_webhooks_cannot_authenticate(tmp_path: Path, caplog) -> None:
+    backend = _backend(tmp_path)
+    backend.start_loading(background=False)
+    with caplog.at_level("WARNING"):
+        client = create_app(backend, basic_auth=("ls", "s3cret")).test_client()
+    assert "WEBHOOK_SECRET is not set" in caplog.text, "warned at start-up"
+    (warning,) = client.get("/health").get_json()["warnings"]
+    assert "WEBHOOK_SECRET is not set" in warning
+    r = _webhook(client)
+    assert r.status_code == 401 and "X-Webhook-Secret" in r.get_json()["error"]
+    assert _webhook(client, headers={"X-Webhook-Secret": ""}).status_code == 401
+    warnings = client.get("/health").get_json()["warnings"]
+    assert len(warnings) == 2 and warnings[1].startswith("2 webhook call(s) refused for missing credentials")
+    assert _webhook(client, auth=("ls", "s3cret")).status_code == 200, "basic auth still opens /webhook"
+
+
+def test_webhook_secret_opens_only_the_webhook(tmp_path: Path) -> None:
+    backend = _backend(tmp_path, webhook_secret="hook-0123")
+    backend.start_loading(background=False)
+    client = create_app(backend, basic_auth=("ls", "s3cret")).test_client()
+    assert "warnings" not in client.get("/health").get_json()
+    r = _webhook(client, headers={"X-Webhook-Secret": "hook-0123"})
+    assert r.status_code == 200 and r.get_json()["status"] == "ignored"
+    assert client.post("/webhook?secret=hook-0123", json={"action": "TASKS_CREATED"}).status_code == 200
+    assert _webhook(client, headers={"X-Webhook-Secret": "hook-0124"}).status_code == 401
+    assert client.post("/webhook?secret=hook", json={"action": "TASKS_CREATED"}).status_code == 401
+    r = client.post("/predict?secret=hook-0123", headers={"X-Webhook-Secret": "hook-0123"},
+                    json={"tasks": [], "label_config": CONFIG})
+    assert r.status_code == 401, "the webhook secret is not a key to the other endpoints"
+    assert client.post("/train?secret=hook-0123", json={}).status_code == 401
+    (warning,) = client.get("/health").get_json()["warnings"]
+    assert warning.startswith("2 webhook call(s) refused")
+    assert BackendSettings.from_env({"WEBHOOK_SECRET": "abc", "MAX_REQUEST_MB": "12.5"}).webhook_secret == "abc"
+    assert BackendSettings.from_env({"MAX_REQUEST_MB": "12.5"}).max_request_mb == 12.5
+    assert BackendSettings.from_env({}).max_request_mb == 100.0 and BackendSettings.from_env({}).webhook_secret is None
 
 
 def test_webhooks(ready) -> None:

@@ -1,7 +1,7 @@
 """A real Label Studio server and this backend (tiny preset), both on 127.0.0.1, for the whole session.
 
-Label Studio is looked up at <repo>/.venv-ls/bin/label-studio, then $LABEL_STUDIO_BIN, then
-/work/venvs/ls/bin/label-studio. When none exists the e2e tests are skipped, except under CI=true
+Label Studio is looked up at <repo>/.venv-ls/bin/label-studio (made by ./dev setup), then
+$LABEL_STUDIO_BIN. When neither exists the e2e tests are skipped, except under CI=true
 where that is a failure. Both servers stop at the end of the session.
 
 Label Studio's database migrations take most of its startup time, so the first session saves the
@@ -19,12 +19,14 @@ import sqlite3
 import subprocess
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 import requests
+from flask import Flask
 from werkzeug.serving import make_server
 
 from backend.app import create_app
@@ -38,10 +40,10 @@ STARTUP_TIMEOUT = 300.0
 
 
 def find_label_studio() -> Path | None:
+    """The project's own Label Studio install, else $LABEL_STUDIO_BIN; None when neither is executable."""
     candidates = [ROOT / ".venv-ls" / "bin" / "label-studio"]
     if os.environ.get("LABEL_STUDIO_BIN"):
         candidates.append(Path(os.environ["LABEL_STUDIO_BIN"]))
-    candidates.append(Path("/work/venvs/ls/bin/label-studio"))
     return next((c for c in candidates if c.is_file() and os.access(c, os.X_OK)), None)
 
 
@@ -170,15 +172,24 @@ def tiny_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackendSe
     settings = BackendSettings.from_env({}, preset="tiny", device="cpu", model_dir=model_dir, overlap_threshold=0.0)
     backend = ODISEBackend(settings)
     backend.start_loading(background=True)
-    server = make_server("127.0.0.1", 0, create_app(backend), threaded=True)
+    try:
+        with serving(create_app(backend)) as url:
+            yield BackendServer(url=url, backend=backend)
+    finally:
+        backend.jobs.shutdown(timeout=10)
+
+
+@contextmanager
+def serving(app: Flask) -> Iterator[str]:
+    """Serve `app` on a free 127.0.0.1 port in a daemon thread; yields its URL, stops on exit."""
+    server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, name="odise-backend", daemon=True)
     thread.start()
     try:
-        yield BackendServer(url=f"http://127.0.0.1:{server.port}", backend=backend)
+        yield f"http://127.0.0.1:{server.port}"
     finally:
         server.shutdown()
         server.server_close()
-        backend.jobs.shutdown(timeout=10)
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,7 @@ import skimage.data
 from label_studio_sdk.label_interface import LabelInterface
 from PIL import Image
 
+from backend.app import create_app
 from backend.label_config import make_label_config
 from backend.ls_format import brush_rle_decode
 from odise_core.geometry import polygons_to_mask
@@ -138,3 +140,65 @@ def test_label_studio_reports_a_bad_config_at_setup(label_studio: Any,
     assert r.status_code == 400, r.text
     assert "PolygonLabels" in r.text
     assert requests.get(f"{backend_server.url}/health", timeout=5).json()["model_state"] == "ready"
+
+
+def _wait_for(condition, timeout: float = 30.0) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_annotation_webhook_reaches_the_backend_with_basic_auth(label_studio: Any, backend_server: Any,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Label Studio's auto-created webhook is refused under basic auth until it carries X-Webhook-Secret."""
+    from tests.e2e.conftest import serving
+
+    backend = backend_server.backend
+    received: list[tuple[str, Any]] = []
+    handle = backend.handle_webhook
+
+    def recording(event: str, payload: dict) -> dict:
+        received.append((event, payload.get("project", {}).get("id")))
+        return handle(event, payload)
+
+    monkeypatch.setattr(backend, "handle_webhook", recording)
+    app = create_app(backend, basic_auth=("odise", "basic-pass-123"), webhook_secret="e2e-webhook-secret-42")
+    metrics = app.config["metrics"]
+    api = label_studio.api()
+    with serving(app) as url:
+        assert requests.get(f"{url}/predict", timeout=5).status_code == 401
+        pid, sizes = _project_with_tasks(label_studio, "polygon", broken_task=False)
+        r = api.post(f"{label_studio.url}/api/ml", timeout=60, json={
+            "url": url, "project": pid, "title": "ODISE basic auth", "auth_method": "BASIC_AUTH",
+            "basic_auth_user": "odise", "basic_auth_pass": "basic-pass-123"})
+        assert r.status_code == 201, r.text
+        assert r.json()["state"] == "CO", r.json().get("error_message")
+        hooks = api.get(f"{label_studio.url}/api/webhooks", params={"project": pid}, timeout=30).json()
+        (hook,) = [h for h in hooks if h["url"] == f"{url}/webhook"]
+        assert hook["headers"] == {}, "Label Studio creates the webhook without credentials"
+        first, second = list(sizes)[:2]
+
+        def annotate(task_id: int) -> None:
+            h, w = sizes[task_id]
+            region = {"from_name": "label", "to_name": "image", "type": "polygonlabels",
+                      "original_width": w, "original_height": h,
+                      "value": {"points": [[10, 10], [60, 10], [60, 60]], "polygonlabels": ["cat"]}}
+            r = api.post(f"{label_studio.url}/api/tasks/{task_id}/annotations", json={"result": [region]}, timeout=30)
+            assert r.status_code == 201, r.text
+
+        annotate(first)
+        assert _wait_for(lambda: metrics.errors.get("webhook", 0) >= 1), "the webhook never reached the backend"
+        assert not [e for e in received if e[0] == "ANNOTATION_CREATED"], "refused before the backend saw it"
+        health = requests.get(f"{url}/health", timeout=5).json()
+        assert any("refused for missing credentials" in w for w in health["warnings"])
+
+        r = api.patch(f"{label_studio.url}/api/webhooks/{hook['id']}", timeout=30,
+                      json={"headers": {"X-Webhook-Secret": "e2e-webhook-secret-42"}})
+        assert r.status_code == 200, r.text
+        annotate(second)
+        assert _wait_for(lambda: ("ANNOTATION_CREATED", pid) in received), \
+            f"the authenticated webhook did not reach the backend: {received}, {metrics.as_dict()}"
+        assert _wait_for(lambda: metrics.requests["webhook"] - metrics.errors["webhook"] >= 1), "answered 2xx"
