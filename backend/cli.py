@@ -170,7 +170,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     from backend.model import base_model_version
     from backend.settings import BackendSettings, build_model
     from odise_core.preprocess import load_image
-    from odise_core.visualize import overlay
+    from odise_core.tools.visualize import overlay
     from odise_core.vocabulary import Vocabulary
     from odise_core.weights import WeightsMissingError
 

@@ -114,13 +114,14 @@ def _build_model(args: argparse.Namespace) -> tuple[BackendSettings, Any, str]:
 
 def _use_version(model: Any, store: Any, key: str, version: str) -> str:
     """Load the requested version's weights into `model`; returns the version served."""
+    from backend.learning import load_version
+
     if version == "base":
         return "base"
     name = store.current(key) if version == "current" else version
     if name is None:
         return "base"
-    model.load_trainable_state_dict(store.load_state_dict(key, name))
-    model.trained_classes = set(store.metadata(key, name).get("trained_classes") or ())
+    load_version(model, store, key, name)
     return name
 
 
@@ -146,9 +147,9 @@ def _label_studio(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
 def _source(args: argparse.Namespace) -> Source:
     from backend.training_data import build_training_data, fetch_annotated_tasks, split_samples
-    from odise_core.evaluation import load_coco_folder, merge_stuff
+    from odise_core.tools.evaluation import load_coco_folder, merge_stuff
     from odise_core.preprocess import load_image
-    from odise_core.training import TrainSample
+    from odise_core.training.finetune import TrainSample
     from odise_core.vocabulary import VocabClass, Vocabulary
 
     import numpy as np
@@ -196,22 +197,26 @@ def _print_figures(r: Any) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from backend.jobs import JobManager, TrainPolicy, run_finetune
-    from odise_core.training import FinetuneOptions
+    from backend.learning import JobManager, ServingModels, TrainPolicy, run_finetune
+    from odise_core.training.finetune import FinetuneOptions
 
     source = _source(args)
     settings, model, base = _build_model(args)
     options = FinetuneOptions(steps=args.steps, lr=args.lr)
     manager = JobManager(settings.model_dir, policy=TrainPolicy(holdout_fraction=args.holdout),
-                         finetune_fn=functools.partial(run_finetune, options=options), base_preset=settings.preset)
-    serving = _use_version(model, manager.store, source.key, "current")
-    log.info("project %s: fine-tuning %s from %s", source.key, base, serving)
-    job = manager.submit(source.key, source.fetch, model, source.vocab, reason="cli")
-    with tqdm(total=args.steps, desc="train", unit="step") as bar:
-        while not job.wait(0.5):
-            bar.set_postfix_str(job.state + (f" loss {job.loss:.3f}" if job.loss is not None else ""))
+                         finetune_fn=functools.partial(run_finetune, options=options))
+    serving = ServingModels(manager.store, lambda: model)
+    log.info("project %s: fine-tuning %s from %s", source.key, base, serving.get(source.key)[0] or "base")
+    try:
+        job = manager.submit(source.key, source.fetch, functools.partial(serving.get, source.key), source.vocab,
+                             reason="cli")
+        with tqdm(total=args.steps, desc="train", unit="step") as bar:
+            while not job.wait(0.5):
+                bar.set_postfix_str(job.state + (f" loss {job.loss:.3f}" if job.loss is not None else ""))
+                bar.update(job.step - bar.n)
             bar.update(job.step - bar.n)
-        bar.update(job.step - bar.n)
+    finally:  # the job thread must end before the interpreter exits (else the process aborts)
+        manager.shutdown()
     print(json.dumps(job.as_dict(), indent=1))
     print(job.message, file=sys.stderr)
     return 0 if job.state in ("done", "skipped") else 1
@@ -219,7 +224,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 @_guard
 def _run_models(args: argparse.Namespace) -> int:
-    from backend.jobs import VersionStore
+    from backend.learning import VersionStore
 
     model_dir = BackendSettings.resolve(args).model_dir
     store = VersionStore(model_dir)
@@ -266,7 +271,7 @@ def _run_rank(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from backend.active_learning import rank, task_score
-    from backend.jobs import VersionStore
+    from backend.learning import VersionStore
     from backend.training_data import fetch_tasks
     from odise_core.preprocess import load_image
     from odise_core.vocabulary import Vocabulary
@@ -310,7 +315,7 @@ def _run_rank(args: argparse.Namespace) -> int:
 def _run_evaluate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from backend.jobs import VersionStore, evaluate_model
+    from backend.learning import VersionStore, evaluate_model
 
     source = _source(args)
     settings, model, base = _build_model(args)

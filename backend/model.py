@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from backend.interactive import InteractionError, parse_context
 from backend.interactive_predict import InteractivePredictor
-from backend.jobs import JobManager, clone_for_training
+from backend.learning import JobManager, ServingModels
 from backend.label_config import ImageTarget, LabelConfigError, ProjectConfig, parse_label_config
 from backend.ls_format import image_regions, task_score
 from backend.query_cache import QueryStateCache
@@ -84,7 +84,7 @@ class ODISEBackend:
     """Loads ODISE in the background and turns Label Studio tasks into predictions.
 
     Forward passes are serialised by a lock (one model, CPU/GPU bound); fine-tuning runs in
-    jobs.JobManager threads on copies, so predictions keep being served while a project trains.
+    backend.learning JobManager threads on copies, so predictions keep being served while a project trains.
     """
 
     def __init__(self, settings: BackendSettings | None = None,
@@ -96,17 +96,15 @@ class ODISEBackend:
                                     max_bytes=int(self.settings.max_image_mb * 2 ** 20),
                                     allow_local_paths=self.settings.allow_local_paths)
         self._predict_lock = threading.Lock()
-        self.jobs = JobManager(self.settings.model_dir, on_promoted=self._on_promoted,
-                               base_preset=self.settings.preset, model_lock=self._predict_lock)
+        self.jobs = JobManager(self.settings.model_dir, on_promoted=self._on_promoted, model_lock=self._predict_lock)
+        self.serving = ServingModels(self.jobs.store, self._require_model)
         self.interactive = InteractivePredictor(QueryStateCache(int(self.settings.interactive_cache_mb * 2 ** 20)),
                                                 self._task_image, self._predict_lock, self.settings.result)
         self.state = ModelState.LOADING
         self.error: str | None = None
         self.model: Any = None
         self.base_version: str | None = None
-        self._project_models: dict[str, tuple[str, Any]] = {}
         self._configs: OrderedDict[str, ProjectConfig] = OrderedDict()
-        self._job_projects: dict[str, str] = {}
         self._lock = threading.Lock()
         self._loaded = threading.Event()
         self._load_started = 0.0
@@ -153,27 +151,14 @@ class ODISEBackend:
 
     def model_for(self, project: str | None) -> tuple[str, Any]:
         """(model_version, model) serving `project`: its promoted fine-tune, else the base model."""
-        base = self._require_model()
-        version = self.jobs.current_version(project) if project else None
-        if version is None:
-            return self.base_version, base
-        with self._lock:
-            cached = self._project_models.get(project)
-        if cached is None or cached[0] != version:
-            model = clone_for_training(base)
-            self.jobs.load_version(model, project, version)
-            model.eval()
-            cached = (version, model)
-            with self._lock:
-                self._project_models[project] = cached
-        return self._version_name(version, project), cached[1]
+        version, model = self.serving.get(project)
+        return self._version_name(version, project), model
 
     def _version_name(self, version: str | None, project: str | None) -> str:
         return version_name(self.base_version, project, version)
 
     def _on_promoted(self, project: str, version: str) -> None:
-        with self._lock:
-            self._project_models.pop(str(project), None)
+        self.serving.forget(project)
         self.interactive.cache.drop_project(str(project))
         log.info("project %s: next predictions use fine-tuned version %s", project, version)
 
@@ -268,16 +253,14 @@ class ODISEBackend:
         if not project_id or not label_config:
             raise ValueError("webhook payload needs project.id and project.label_config")
         target = self.parse_config(label_config).targets[0]
-        _, model = self.model_for(project_id)
-        result = self.jobs.handle_event(event, project_id, self._training_fetcher(int(project_id), target),
-                                        model, target.vocabulary)
-        if "job" in result:
-            with self._lock:
-                self._job_projects[result["job"]] = project_id
-        return result
+        self._require_model()
+        return self.jobs.handle_event(event, project_id, self._training_fetcher(int(project_id), target),
+                                      lambda: self.serving.get(project_id), target.vocabulary)
 
     def find_job(self, job_id: str) -> Any:
-        """The training job with this id (as returned by /webhook, /train or the status payload), or None."""
+        """The training job with this id (as returned by /webhook, /train or the status payload), or None.
+
+        Ids stay answerable for the server's lifetime, and after a restart from MODEL_DIR/.jobs."""
         return self.jobs.find(job_id)
 
     def _training_fetcher(self, project_id: int, target: ImageTarget) -> Callable[[float], Any]:

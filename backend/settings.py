@@ -156,7 +156,8 @@ class BackendSettings:
 
     def validate(self) -> None:
         """Raise SettingsError for values no command could use."""
-        from odise_core.model import MODES, PRECISIONS
+        from odise_core.postprocess import MODES
+        from odise_core.predictor import PRECISIONS
 
         checks = (("PRECISION", self.precision, PRECISIONS), ("PREDICTION_MODE", self.mode, MODES))
         for name, value, allowed in checks:
@@ -184,7 +185,7 @@ class BackendSettings:
 
     def resolved_precision(self) -> str:
         """What `precision` means on this device: e.g. "sd-bf16" for auto on a CPU with native bf16."""
-        from odise_core.model import precision_plan, resolve_device
+        from odise_core.predictor import precision_plan, resolve_device
 
         autocast, sd_dtype = precision_plan(self.precision, resolve_device(self.device))
         parts = ([f"autocast-{str(autocast).removeprefix('torch.')}"] if autocast is not None else []) + \
@@ -206,9 +207,9 @@ class BackendSettings:
 
 def build_model(settings: BackendSettings) -> Any:
     """The one function that builds the model for every command: config from `settings`, on its device."""
-    from odise_core.model import ODISE
+    from odise_core.predictor import build_predictor
 
-    return ODISE.from_config(settings.model_config(), device=settings.device)
+    return build_predictor(settings.model_config(), device=settings.device)
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:

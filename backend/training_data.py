@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from backend.ls_format import result_mask
-from odise_core.training import TrainSample
+from odise_core.training.finetune import TrainSample
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ class TrainingData:
     train_task_ids: list[int] = field(default_factory=list)
     holdout_task_ids: list[int] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)
+    fingerprint: str | None = None  # identifies the annotations used; None when the source cannot tell
 
     @property
     def count(self) -> int:
@@ -49,6 +50,14 @@ def select_annotation(task: dict) -> dict | None:
     if not usable:
         return None
     return max(usable, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""), a.get("id") or 0))
+
+
+def annotations_fingerprint(used: Iterable[tuple[int, dict]]) -> str:
+    """Hash of (task id, annotation id, last change) of the annotations used: equal for the same data."""
+    h = hashlib.sha1()
+    for task_id, a in sorted(used, key=lambda ta: ta[0]):
+        h.update(f"{task_id}:{a.get('id')}:{a.get('updated_at') or a.get('created_at')};".encode())
+    return h.hexdigest()[:16]
 
 
 def _label_of(value: dict) -> str | None:
@@ -120,11 +129,13 @@ def build_training_data(tasks: Iterable[dict], class_names: Sequence[str], load_
         raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
     skipped: Counter = Counter()
     usable: list[tuple[int, TrainSample]] = []
+    used: list[tuple[int, dict]] = []
     for task in tasks:
         annotation = select_annotation(task)
         if annotation is None:
             skipped["no usable annotation (none, cancelled or empty)"] += 1
             continue
+        used.append((int(task["id"]), annotation))
         try:
             image = load_image(task)
         except (OSError, ValueError) as exc:
@@ -139,6 +150,7 @@ def build_training_data(tasks: Iterable[dict], class_names: Sequence[str], load_
 
     data = split_samples(usable, holdout_fraction)
     data.skipped = skipped
+    data.fingerprint = annotations_fingerprint(used)
     log.info("training data: %d train, %d held out, skipped %s", len(data.train), len(data.holdout), dict(skipped))
     return data
 

@@ -1,6 +1,6 @@
 """Measured gain of fine-tuning: the `tiny` preset from random heads on N generated scenes.
 
-The scenes (odise_core.synthetic: textured circles/triangles/squares on striped or checkered
+The scenes (odise_core.tools.synthetic: textured circles/triangles/squares on striped or checkered
 backgrounds, random colours) exist nowhere else, so no model has seen them. For each N the
 random-weight model is fine-tuned on the first N training scenes and evaluated on the same
 held-out scenes; PQ (things/stuff), mask AP and mIoU are printed before and after, with timings.
@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from backend.jobs import clone_for_training, evaluate_model
+from backend.learning import copy_sharing_frozen, evaluate_model
 from odise_core.config import get_config
-from odise_core.evaluation import EvalResult
-from odise_core.model import ODISE
-from odise_core.synthetic import CLASS_NAMES, IS_THING, make_dataset
-from odise_core.training import FinetuneOptions, TrainSample, finetune
+from odise_core.predictor import build_predictor
+from odise_core.tools.evaluation import EvalResult
+from odise_core.tools.synthetic import CLASS_NAMES, IS_THING, make_dataset
+from odise_core.training.finetune import FinetuneOptions, TrainSample, finetune
 from odise_core.vocabulary import VocabClass, Vocabulary
 
 log = logging.getLogger("finetune_gain")
@@ -63,7 +63,7 @@ def main() -> None:
     cfg = get_config("tiny")
     cfg.backbone.min_size = args.image_size
     t0 = time.perf_counter()
-    model = ODISE.from_config(cfg, device="cpu")
+    model = build_predictor(cfg, device="cpu")
     build_s = time.perf_counter() - t0
     vocab = Vocabulary([VocabClass(n, (n,), t) for n, t in zip(CLASS_NAMES, IS_THING)])
     train_scenes = make_dataset(max(args.sizes), seed=args.seed, size=args.image_size)
@@ -85,13 +85,13 @@ def main() -> None:
     results = {"before": before.as_dict(), "runs": []}
     lines = [row("before (all N)", before)]
     for n in args.sizes:
-        candidate = clone_for_training(model)
+        candidate = copy_sharing_frozen(model)
         opts = FinetuneOptions(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                                views_per_image=args.views, seed=args.seed, num_points=args.num_points)
         t0 = time.perf_counter()
-        res = finetune(candidate, samples(train_scenes[:n]), opts, vocab=vocab)
+        res = finetune(candidate.model, samples(train_scenes[:n]), opts, vocab=vocab)
         total = time.perf_counter() - t0
-        candidate.trained_classes = set(vocab.names)  # as jobs.py does after a fine-tune
+        candidate.trained_classes = set(vocab.names)  # as a fine-tune job does
         after = evaluate_model(candidate, held, vocab)
         feat_per_view = res.seconds_features / (n * args.views) if n else 0.0
         print(f"N={n:4d}: features {res.seconds_features:6.1f} s ({feat_per_view:.2f} s per image view), "

@@ -69,7 +69,8 @@ def session(preset: str, size: int, mode: str, classes: int, device: str, precis
     """Build the model; returns its figures so far and a function that predicts one image and times it."""
     import torch
 
-    from odise_core.model import ODISE
+    from odise_core.modeling.odise import ODISE
+    from odise_core.predictor import ODISEPredictor, resolve_device
     from odise_core.reference_mode import ReferenceEquivalentODISE
     from odise_core.vocabulary import TextEmbeddingCache, Vocabulary
 
@@ -80,7 +81,8 @@ def session(preset: str, size: int, mode: str, classes: int, device: str, precis
     cls = ReferenceEquivalentODISE if mode == "reference" else ODISE
     cfg.precision = "fp32" if mode == "reference" else precision  # the reference pipeline runs fp32
     with PeakMemory() as build:
-        model = cls.from_config(cfg, device=device, text_cache=TextEmbeddingCache(None))
+        model = cls.from_config(cfg, device=resolve_device(device), text_cache=TextEmbeddingCache(None))
+        predictor = ODISEPredictor(model)
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     params += sum(p.numel() * p.element_size() for extra in ("text_clip", "mask_clip", "sd_text_encoder")
                   if hasattr(model, extra) for p in getattr(model, extra).parameters())
@@ -91,7 +93,7 @@ def session(preset: str, size: int, mode: str, classes: int, device: str, precis
 
     image = skimage.data.astronaut()
     clock = StageClock(model)
-    _, sd_dtype = model.apply_precision()
+    _, sd_dtype = predictor.apply_precision()
     ext = model.backbone.feature_extractor
     sd_bytes = sum(p.numel() * p.element_size() for net in (ext.unet, ext.vae) for p in net.parameters())
     result = {"mode": mode, "precision": cfg.precision, "sd_dtype": str(sd_dtype).replace("torch.", ""),
@@ -101,7 +103,7 @@ def session(preset: str, size: int, mode: str, classes: int, device: str, precis
 
     def measure() -> dict:
         with PeakMemory() as mem:
-            raw = model.predict_raw(image, vocab)
+            raw = predictor.predict_raw(image, vocab)
         stages = dict(raw.timings)
         stages.pop("backbone")
         stages.update(clock.split())

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from odise_core import weights  # noqa: E402
 from odise_core.config import get_config  # noqa: E402
-from odise_core.diffusion import DiffusionFeatureExtractor  # noqa: E402
+from odise_core.modeling.diffusion import DiffusionFeatureExtractor  # noqa: E402
 
 
 def time_call(fn, repeats: int) -> float:

@@ -13,7 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from odise_core.config import get_config  # noqa: E402
-from odise_core.model import ODISE  # noqa: E402
+from odise_core.modeling.odise import ODISE  # noqa: E402
 from odise_core.vocabulary import TextEmbeddingCache  # noqa: E402
 
 
@@ -47,7 +47,7 @@ def main() -> None:
     import open_clip
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from odise_core.clip import ClipModel
+    from odise_core.modeling.clip import ClipModel
 
     clip_cfg = cfg.clip.custom or open_clip.get_model_config(cfg.clip.model_name)
     with torch.device("meta"):

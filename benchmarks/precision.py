@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from odise_core import weights  # noqa: E402
 from odise_core.config import get_config  # noqa: E402
-from odise_core.diffusion import DiffusionFeatureExtractor  # noqa: E402
-from odise_core.model import ODISE  # noqa: E402
+from odise_core.modeling.diffusion import DiffusionFeatureExtractor  # noqa: E402
+from odise_core.predictor import build_predictor  # noqa: E402
 from odise_core.vocabulary import TextEmbeddingCache, Vocabulary  # noqa: E402
 
 
@@ -71,10 +71,10 @@ def segment_drift(preset: str) -> dict:
     cfg = get_config(preset)
     cfg.precision = "fp32"
     cache = TextEmbeddingCache(None)
-    fp32 = ODISE.from_config(cfg, device="cpu", text_cache=cache)
+    fp32 = build_predictor(cfg, device="cpu", text_cache=cache)
     cfg_bf16 = get_config(preset)
     cfg_bf16.precision = "bf16"
-    bf16 = ODISE.from_config(cfg_bf16, device="cpu", text_cache=cache)
+    bf16 = build_predictor(cfg_bf16, device="cpu", text_cache=cache)
     vocab = Vocabulary.from_text("person,cat,cup,table,rocket,sky,wall,grass")
     same_class, ious, prob_diff, counts = [], [], [], [0, 0]
     seconds = {"fp32": 0.0, "bf16": 0.0}

@@ -6,7 +6,10 @@ with small widths and random weights, for tests and CI.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -203,7 +206,7 @@ class ModelConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     checkpoint: str | None = None  # ODISE trainable weights: URL or local path; None = random
     seed: int = 0
-    # Inference precision (odise_core.model.precision_plan): "auto" = autocast bf16/fp16 on CUDA,
+    # Inference precision (odise_core.predictor.precision_plan): "auto" = autocast bf16/fp16 on CUDA,
     # the frozen SD networks in bf16 on CPUs with native bf16, fp32 otherwise; "bf16" = SD in bf16 on
     # any CPU; "fp32" = float32 everywhere (the reference pipeline's numbers).
     precision: str = "auto"
@@ -212,6 +215,66 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field as plain JSON types (tuples become lists); `from_dict` rebuilds an equal config."""
+        return _to_plain(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        """The config `to_dict` wrote (also after a JSON round trip). Fields it lacks take their defaults;
+        unknown fields or values of the wrong type raise ConfigError naming the field."""
+        return _from_plain(cls, data, "config")
+
+
+class ConfigError(ValueError):
+    """A stored model configuration cannot be rebuilt: the message names the field and what is wrong."""
+
+
+def _to_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    return value
+
+
+# JSON value types accepted for each annotated type (int is a valid float; bool is not an int here)
+_JSON_TYPES: dict[Any, tuple[type, ...]] = {int: (int,), float: (int, float), str: (str,), bool: (bool,),
+                                            type(None): (type(None),), dict: (dict,), tuple: (list, tuple)}
+
+
+def _from_plain(cls: type, data: Any, where: str) -> Any:
+    """Instance of dataclass `cls` from its `_to_plain` form; `where` names it in errors."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be an object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ConfigError(f"{where} has unknown fields {unknown}: it was written by another version of "
+                          "odise_core; rebuild it with that version or drop the fields")
+    values = {}
+    for name, value in data.items():
+        hint, path = hints[name], f"{where}.{name}"
+        if dataclasses.is_dataclass(hint):
+            values[name] = _from_plain(hint, value, path)
+            continue
+        allowed = _json_types(hint)
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            raise ConfigError(f"{path} must be {' or '.join(t.__name__ for t in allowed)}, got {value!r}")
+        values[name] = tuple(value) if typing.get_origin(hint) is tuple else copy.deepcopy(value)
+    try:
+        return cls(**values)
+    except TypeError as e:  # a required field (the preset name) is missing
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _json_types(hint: Any) -> tuple[type, ...]:
+    """Python types the JSON value of a field annotated `hint` may have."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    return tuple(dict.fromkeys(t for o in options for t in _JSON_TYPES[typing.get_origin(o) or o]))
 
 
 ODISE_RELEASE = "https://github.com/NVlabs/ODISE/releases/download/v1.0.0"

@@ -1,10 +1,14 @@
 """Panoptic, instance and semantic outputs from per-query class probabilities and mask logits (Mask2Former rules)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from odise_core.config import HeadConfig
 from odise_core.types import Segment
+
+MODES = ("panoptic", "instance", "semantic")
 
 
 def resize_mask_logits(mask_logits: torch.Tensor, padded_size: tuple[int, int], resized_size: tuple[int, int],
@@ -100,3 +104,31 @@ def instance_inference(probs: torch.Tensor, mask_logits: torch.Tensor, is_thing:
 def semantic_inference(probs: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
     """Per-class score maps (K,H,W): sum over queries of class prob * sigmoid(mask)."""
     return torch.einsum("qc,qhw->chw", probs[:, :-1].float(), mask_logits.float().sigmoid())
+
+
+def segments_for_mode(probs: torch.Tensor, mask_logits: torch.Tensor, is_thing: torch.Tensor, head: HeadConfig,
+                      resized_size: tuple[int, int], original_size: tuple[int, int], mode: str) -> list[Segment]:
+    """Segments at the original image size from one image's (Q,K+1) probs and (Q,h,w) mask logits of the
+    resized region, in output mode "panoptic", "instance" or "semantic" (see MODES)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "semantic":
+        full = resize_mask_logits(mask_logits, resized_size, resized_size, original_size)
+        sem = semantic_inference(probs, full)
+        sem = sem / sem.sum(0, keepdim=True).clamp_min(1e-6)  # per-pixel class distribution: scores in [0,1]
+        labels = sem.argmax(0).cpu().numpy()
+        return [Segment(mask=labels == k, class_index=int(k), score=float(sem[k][labels == k].mean()),
+                        is_thing=bool(is_thing[k])) for k in np.unique(labels)]
+    if mode == "instance":
+        full = resize_mask_logits(mask_logits, resized_size, resized_size, original_size)
+        return instance_inference(probs, full, is_thing.to(probs.device), head.max_instances)
+    # Only queries that can survive panoptic filtering are upsampled to full size: saves memory on big images.
+    scores, _ = probs[:, :-1].max(-1)
+    keep = (probs.argmax(-1) != probs.shape[-1] - 1) & (scores > head.object_mask_threshold)
+    index = keep.nonzero().flatten()
+    full = resize_mask_logits(mask_logits[index], resized_size, resized_size, original_size)
+    _, segments = panoptic_inference(probs[index], full, is_thing.to(probs.device), head.object_mask_threshold,
+                                     head.overlap_threshold, head.mask_threshold)
+    for seg in segments:
+        seg.query_index = int(index[seg.query_index]) if seg.query_index >= 0 else seg.query_index
+    return segments

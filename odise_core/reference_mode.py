@@ -1,21 +1,23 @@
 """A reference-equivalent ODISE: the same outputs, with the redundant work the reference pipeline does.
 
-Used only to measure what the optimised `ODISE` saves (benchmarks/latency.py). The reference
-builds CLIP three times (captioner, category-head text, MaskCLIP), keeps SD's text encoder and
-re-encodes "" on every forward, re-encodes the vocabulary on every call, runs the whole UNet and
-the whole VAE decoder, and processes sliding-window crops one at a time.
+Used only to measure what the optimised `ODISE` saves (benchmarks/latency.py; run it through an
+ODISEPredictor). The reference builds CLIP three times (captioner, category-head text, MaskCLIP),
+keeps SD's text encoder and re-encodes "" on every forward, re-encodes the vocabulary on every
+call, runs the whole UNet and the whole VAE decoder, and processes sliding-window crops one at a time.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 from torch import nn
 
 from odise_core import weights
-from odise_core.clip import ClipModel
 from odise_core.config import ModelConfig
-from odise_core.model import ODISE, resolve_device
+from odise_core.modeling.clip import ClipModel
+from odise_core.modeling.head import clip_class_logits
+from odise_core.modeling.odise import ODISE
 from odise_core.vocabulary import Vocabulary
 
 
@@ -32,13 +34,12 @@ class ReferenceEquivalentODISE(ODISE):
         object.__setattr__(self, "mask_clip", clips[2])
         object.__setattr__(self, "sd_text_encoder", text_encoder)
 
-    def apply_precision(self) -> tuple[torch.dtype | None, torch.dtype]:
-        """The reference pipeline runs in float32 on the CPU, whatever `cfg.precision` says."""
-        return None, torch.float32
-
     @classmethod
-    def from_config(cls, cfg: ModelConfig, device: str | torch.device = "auto", text_cache: Any = None
+    def from_config(cls, cfg: ModelConfig, device: str | torch.device = "cpu", text_cache: Any = None
                     ) -> "ReferenceEquivalentODISE":
+        """Built like ODISE.from_config, with precision "fp32": the reference pipeline runs in float32 on the
+        CPU whatever `cfg.precision` says. `text_cache` is ignored: the reference re-encodes every call."""
+        cfg = dataclasses.replace(cfg, precision="fp32")
         weights.check_weights_available(cfg)
         where = weights.WeightsLocation.of(cfg)
         torch.manual_seed(cfg.seed)
@@ -48,7 +49,7 @@ class ReferenceEquivalentODISE(ODISE):
         if cfg.checkpoint is not None:
             weights.load_odise_checkpoint(model, cfg.checkpoint, where)
         model.eval()
-        return model.to(resolve_device(device))
+        return model.to(device)
 
     def to(self, *args: Any, **kwargs: Any) -> "ReferenceEquivalentODISE":
         for extra in (self.text_clip, self.mask_clip, self.sd_text_encoder):
@@ -71,8 +72,6 @@ class ReferenceEquivalentODISE(ODISE):
 
     def classify_with_clip(self, image01: torch.Tensor, mask_logits: torch.Tensor, vocab: Vocabulary
                            ) -> torch.Tensor:
-        from odise_core.head import clip_class_logits
-
         text, syn_to_class = self.text_embeddings(vocab, self.cfg.head.clip_prompt)
         embeds = self.mask_clip.mask_embeddings(image01, mask_logits)
         return clip_class_logits(embeds, text, syn_to_class, len(vocab))

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import torch
 
 if TYPE_CHECKING:
-    from odise_core.clip import ClipModel
+    from odise_core.modeling.clip import ClipModel
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from odise_core.geometry import coco_rle_encode
-from odise_core.synthetic import CLASS_NAMES, IS_THING, make_dataset
+from odise_core.tools.synthetic import CLASS_NAMES, IS_THING, make_dataset
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ import json
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -25,8 +24,9 @@ from werkzeug.test import EnvironBuilder, run_wsgi_app
 from backend.app import create_app
 from backend.model import BackendSettings, ODISEBackend
 from backend.training_data import TrainingData
+from odise_core.config import get_config
 from odise_core.geometry import mask_iou, polygons_to_mask
-from odise_core.training import TrainSample
+from odise_core.training.finetune import TrainSample
 from odise_core.types import RawPrediction, Segment
 
 CONFIG = """<View><Image name="image" value="$image"/>
@@ -43,7 +43,7 @@ class StandIn(nn.Module):
     def __init__(self, weight: float = 0.0):
         super().__init__()
         self.weight = nn.Parameter(torch.tensor([weight]))
-        self.cfg = SimpleNamespace(name="stand-in")
+        self.cfg = get_config("tiny").replace(name="stand-in")  # saved beside fine-tuned versions
         self.calls = 0
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -408,7 +408,7 @@ def test_training_does_not_block_predictions(tmp_path: Path, monkeypatch) -> Non
     client = create_app(backend).test_client()
     started, release = threading.Event(), threading.Event()
 
-    def finetune(model, data, vocab, job) -> None:
+    def finetune(model, data, vocab, job, feature_lock) -> None:
         started.set()
         release.wait(20)
         model.weight.data.fill_(5.0)

@@ -5,9 +5,9 @@ import pytest
 import skimage.data
 import torch
 
-from odise_core.backbone import ODISEBackbone, sliding_window
-from odise_core.clip import ClipModel
 from odise_core.config import get_config
+from odise_core.modeling.backbone import Bottleneck, ODISEBackbone, sliding_window
+from odise_core.modeling.clip import ClipModel
 from odise_core.preprocess import prepare
 
 
@@ -40,7 +40,7 @@ def test_projection_keys_follow_the_official_layout(cfg):
     mid, width = full.backbone.fusion_mid_channels, full.backbone.fusion_out_channels
     with torch.device("meta"):
         projections = torch.nn.ModuleList(
-            torch.nn.Sequential(__import__("odise_core.backbone").backbone.Bottleneck(s.channels, mid, width, 32))
+            torch.nn.Sequential(Bottleneck(s.channels, mid, width, 32))
             for s in specs
         )
     keys = {k: tuple(v.shape) for k, v in projections.state_dict().items()}

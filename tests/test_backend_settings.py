@@ -13,7 +13,7 @@ from backend.cli import build_parser, main
 from backend.ls_format import ResultOptions
 from backend.model import base_model_version, weights_digest
 from backend.settings import BackendSettings, SettingsError, build_model, parse_bool
-from odise_core.synthetic import CLASS_NAMES
+from odise_core.tools.synthetic import CLASS_NAMES
 
 ENV = {"OVERLAP_THRESHOLD": "0.3", "PREDICTION_MODE": "instance"}
 FLAGS = ["--preset", "tiny", "--fast", "--precision", "bf16", "--device", "cpu"]
@@ -89,15 +89,15 @@ def tiny_model():
 @pytest.fixture
 def built(tiny_model, monkeypatch, tmp_path):
     """Records the (config, device) each command hands the core builder; returns the shared tiny model."""
-    from odise_core.model import ODISE
+    from odise_core import predictor
 
     calls: list[tuple] = []
 
-    def from_config(cfg, device="auto", **kwargs):
+    def build_predictor(cfg, device="auto", **kwargs):
         calls.append((cfg, str(device)))
         return tiny_model
 
-    monkeypatch.setattr(ODISE, "from_config", from_config)
+    monkeypatch.setattr(predictor, "build_predictor", build_predictor)
     for name, value in ENV.items():
         monkeypatch.setenv(name, value)
     for name in ("FAST", "PRECISION", "DEVICE", "PRESET", "ODISE_WEIGHTS_DIR", "MODEL_DIR"):
@@ -199,13 +199,13 @@ def test_bf16_precision_on_cpu_predicts_close_to_fp32():
     import torch
 
     from odise_core.config import get_config
-    from odise_core.model import ODISE
+    from odise_core.predictor import build_predictor
     from odise_core.vocabulary import Vocabulary
 
     cfg = get_config("tiny")
     cfg.precision = "fp32"
-    model = ODISE.from_config(cfg, device="cpu")
-    extractor = model.backbone.feature_extractor
+    model = build_predictor(cfg, device="cpu")
+    extractor = model.model.backbone.feature_extractor
     assert extractor.sd_dtype == torch.float32
     vocab = Vocabulary.from_text("cup,table,saucer")
     fp32 = model.predict_raw(skimage.data.coffee(), vocab)
@@ -214,7 +214,7 @@ def test_bf16_precision_on_cpu_predicts_close_to_fp32():
     # only the frozen SD networks went to bf16; the trainable parts and the outputs stay float32
     assert extractor.sd_dtype == torch.bfloat16 and next(extractor.unet.parameters()).dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in model.trainable_state_dict().values() if p.is_floating_point())
-    assert next(model.clip.parameters()).dtype == torch.float32
+    assert next(model.model.clip.parameters()).dtype == torch.float32
     assert bf16.class_probs.dtype == torch.float32
     assert torch.allclose(bf16.class_probs, fp32.class_probs, atol=0.05)
     assert not torch.equal(bf16.class_probs, fp32.class_probs)  # bf16 really ran
@@ -229,7 +229,7 @@ def test_bf16_precision_on_cpu_predicts_close_to_fp32():
 def test_precision_plan():
     import torch
 
-    from odise_core.model import cpu_has_native_bf16, precision_plan
+    from odise_core.predictor import cpu_has_native_bf16, precision_plan
 
     cpu = torch.device("cpu")
     assert precision_plan("fp32", cpu) == (None, torch.float32)

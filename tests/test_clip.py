@@ -7,8 +7,8 @@ import pytest
 import skimage.data
 import torch
 
-from odise_core.clip import ClipModel
 from odise_core.config import get_config
+from odise_core.modeling.clip import ClipModel
 
 
 @pytest.fixture(scope="module")

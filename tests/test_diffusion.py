@@ -6,7 +6,7 @@ import skimage.data
 import torch
 
 from odise_core.config import get_config
-from odise_core.diffusion import DiffusionFeatureExtractor
+from odise_core.modeling.diffusion import DiffusionFeatureExtractor
 
 CLIP_DIM = 64
 CROP = 64  # small crops keep the tiny networks fast; every feature is still at least 1x1

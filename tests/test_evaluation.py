@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from odise_core.evaluation import Evaluator, evaluate, load_coco_folder, merge_stuff
+from odise_core.tools.evaluation import Evaluator, evaluate, load_coco_folder, merge_stuff
 from odise_core.types import Segment
 
 NAMES = ["circle", "square", "sky"]

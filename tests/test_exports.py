@@ -10,7 +10,7 @@ from pycocotools.coco import COCO
 
 from backend.exports import (ExportImage, export_coco_instances, export_coco_panoptic, id_to_rgb, make_categories,
                              panoptic_map, rgb_to_id)
-from odise_core.synthetic import CLASS_NAMES, IS_THING, make_scene
+from odise_core.tools.synthetic import CLASS_NAMES, IS_THING, make_scene
 from odise_core.types import Segment
 
 CATEGORIES = make_categories(CLASS_NAMES, IS_THING)

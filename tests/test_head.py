@@ -4,7 +4,7 @@ import math
 import torch
 
 from odise_core.config import HeadConfig
-from odise_core.head import CategoryHead, clip_class_logits, geometric_ensemble, max_over_synonyms
+from odise_core.modeling.head import CategoryHead, clip_class_logits, geometric_ensemble, max_over_synonyms
 
 
 def _identity_head(dim: int, kind: str = "label") -> CategoryHead:

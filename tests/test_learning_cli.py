@@ -2,45 +2,131 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from backend.cli import main
-from backend.jobs import VersionStore
-from odise_core.synthetic import CLASS_NAMES
+from backend.learning import ServingModels, VersionStore, evaluate_model, is_better
+from odise_core.tools.synthetic import CLASS_NAMES
 
 
-def test_train_then_models_then_evaluate(coco_dir, tmp_path, capsys):
-    models = tmp_path / "models"
-    common = ["--coco", str(coco_dir), "--key", "syn", "--model-dir", str(models), "--preset", "tiny",
-              "--device", "cpu"]
-    assert main(["train", *common, "--steps", "2", "--holdout", "0.25"]) == 0
-    out = capsys.readouterr().out
-    job = json.loads(out[out.index("{"):])
-    assert job["state"] == "done" and job["version"] == "v0001" and job["step"] == 2
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _samples(coco_dir: Path) -> tuple[list, list, object]:
+    """The COCO folder as (all samples, held-out samples by the CLI's 0.25 split, vocabulary)."""
+    import argparse
+
+    from backend.learning_cli import _source
+
+    source = _source(argparse.Namespace(coco=coco_dir, key="syn", project=None))
+    data = source.fetch(0.25)
+    return data.train + data.holdout, data.holdout, source.vocab
+
+
+def _tiny_with(store: VersionStore, version: str | None):
+    from odise_core.config import get_config
+    from odise_core.predictor import build_predictor
+
+    model = build_predictor(get_config("tiny"), device="cpu")
+    return ServingModels(store, lambda: model).get("syn")[1] if version else model
+
+
+def _headline(figures: dict) -> dict:
+    return {k: figures[k] for k in ("pq", "sq", "rq", "miou", "mask_ap", "num_images")}
+
+
+@pytest.fixture(scope="module")
+def trained(coco_dir, tmp_path_factory):
+    """`odise-ls train` run as a user runs it: a separate process, which must exit 0 after promoting."""
+    models = tmp_path_factory.mktemp("models")
+    cmd = [sys.executable, "-m", "backend.cli", "train", "--coco", str(coco_dir), "--key", "syn",
+           "--model-dir", str(models), "--preset", "tiny", "--device", "cpu", "--steps", "40", "--lr", "1e-3",
+           "--holdout", "0.25"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
+    return models, proc
+
+
+def test_train_cli_exits_0_after_promoting(trained):
+    models, proc = trained
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "terminate called" not in proc.stderr
+    job = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert job["state"] == "done" and job["version"] == "v0001" and job["step"] == 40 and job["promoted"] is True
+    assert "promoted v0001: held-out PQ" in proc.stderr
+    assert VersionStore(models).current("syn") == "v0001"
+
+
+def test_train_records_config_and_the_baseline_it_beat(trained, coco_dir):
+    models, _ = trained
     store = VersionStore(models)
     meta = store.metadata("syn", "v0001")
     assert meta["data"]["train"] + meta["data"]["holdout"] == 4 and meta["data"]["holdout"] == 1
     assert meta["base_preset"] == "tiny" and meta["vocabulary"] == list(CLASS_NAMES)
+    assert store.config("syn", "v0001")["decoder"]["hidden_dim"] == 32  # the tiny architecture, in full
+    # the recorded figures are what the base model and v0001 score on the held-out task
+    _, holdout, vocab = _samples(coco_dir)
+    before = evaluate_model(_tiny_with(store, None), holdout, vocab)
+    after = evaluate_model(_tiny_with(store, "v0001"), holdout, vocab)
+    assert meta["baseline"]["version"] is None
+    assert _headline(meta["baseline"]["holdout"]) == pytest.approx(_headline(before.as_dict()), nan_ok=True)
+    assert _headline(meta["eval"]["holdout_after"]) == pytest.approx(_headline(after.as_dict()), nan_ok=True)
+    assert is_better(after, before) and meta["promoted"] is True
 
+
+def test_second_train_is_judged_against_the_promoted_version(trained, coco_dir, tmp_path, capsys):
+    import shutil
+
+    models = tmp_path / "models"
+    shutil.copytree(trained[0], models)
+    assert main(["train", "--coco", str(coco_dir), "--key", "syn", "--model-dir", str(models), "--preset", "tiny",
+                 "--device", "cpu", "--steps", "2", "--holdout", "0.25"]) == 0
+    out = capsys.readouterr().out
+    job = json.loads(out[out.index("{"):])
+    store = VersionStore(models)
+    meta = store.metadata("syn", "v0002")
+    assert job["version"] == "v0002" and meta["parent_version"] == "v0001"
+    assert meta["baseline"]["version"] == "v0001"
+    assert meta["baseline"]["holdout"] == store.metadata("syn", "v0001")["eval"]["holdout_after"]
+    before, after = (meta["eval"][k] for k in ("holdout_before", "holdout_after"))
+    expected = (after["pq"], after["miou"]) > (before["pq"], before["miou"])
+    assert job["promoted"] is expected and store.current("syn") == ("v0002" if expected else "v0001")
+
+
+def test_models_rollback_and_evaluate_a_version(trained, coco_dir, tmp_path, capsys):
+    import shutil
+
+    models = tmp_path / "models"
+    shutil.copytree(trained[0], models)
+    store = VersionStore(models)
     assert main(["models", "syn", "--model-dir", str(models), "--json"]) == 0
     listing = json.loads(capsys.readouterr().out)
-    assert [v["version"] for v in listing["versions"]] == ["v0001"]
-    assert listing["current"] == ("v0001" if job["promoted"] else None)
+    assert listing["current"] == "v0001" and [v["version"] for v in listing["versions"]] == ["v0001"]
+    assert listing["versions"][0]["pq_after"] == store.metadata("syn", "v0001")["eval"]["holdout_after"]["pq"]
 
+    assert main(["models", "syn", "--model-dir", str(models), "--rollback", "base"]) == 0
+    assert store.current("syn") is None
     assert main(["models", "syn", "--model-dir", str(models), "--rollback", "v0001"]) == 0
     assert store.current("syn") == "v0001"
     assert "* v0001" in capsys.readouterr().out
-    assert main(["models", "syn", "--model-dir", str(models), "--rollback", "base"]) == 0
-    assert store.current("syn") is None
 
-    report = tmp_path / "eval.json"
-    assert main(["evaluate", *common, "--version", "v0001", "--json", str(report)]) == 0
-    figures = json.loads(report.read_text())
-    assert figures["version"].startswith("odise-tiny-") and figures["version"].endswith("+syn-v0001")
-    assert figures["num_images"] == 4
-    assert 0.0 <= figures["pq"] <= 100.0 and 0.0 <= figures["miou"] <= 100.0
+    common = ["--coco", str(coco_dir), "--key", "syn", "--model-dir", str(models), "--preset", "tiny",
+              "--device", "cpu"]
+    samples, _, vocab = _samples(coco_dir)
+    for version in ("v0001", "base"):
+        report = tmp_path / f"eval-{version}.json"
+        assert main(["evaluate", *common, "--version", version, "--json", str(report)]) == 0
+        figures = json.loads(report.read_text())
+        expected = evaluate_model(_tiny_with(store, None if version == "base" else version), samples, vocab)
+        assert figures["version"].startswith("odise-tiny-") and figures["num_images"] == 4
+        assert figures["version"].endswith("+syn-v0001") == (version == "v0001")
+        assert figures["pq"] == pytest.approx(expected.pq) and figures["miou"] == pytest.approx(expected.miou)
     assert "PQ" in capsys.readouterr().out
 
 

@@ -4,7 +4,7 @@ import math
 import torch
 
 from odise_core.config import HeadConfig, get_config
-from odise_core.mask_decoder import MaskedTransformerDecoder, SemSegHead, hard_mask_pooling
+from odise_core.modeling.mask_decoder import MaskedTransformerDecoder, SemSegHead, hard_mask_pooling
 
 
 def _inputs(cfg, batch=2, h=64, w=96):

@@ -11,14 +11,14 @@ import open_clip
 import torch
 
 import odise_core
-from odise_core import clip as clip_module
-from odise_core import diffusion as diffusion_module
-from odise_core import model as model_module
 from odise_core import weights
 from odise_core.config import get_config
-from odise_core.head import CategoryHead
-from odise_core.mask_decoder import SemSegHead
-from odise_core.training import SetCriterion
+from odise_core.modeling import clip as clip_module
+from odise_core.modeling import diffusion as diffusion_module
+from odise_core.modeling import odise as model_module
+from odise_core.modeling.head import CategoryHead
+from odise_core.modeling.mask_decoder import SemSegHead
+from odise_core.training.losses import SetCriterion
 
 KEY_FILE = Path(odise_core.__file__).parent / "data" / "official_keys_label_coco.txt"
 STRIDES = {"s2": 4, "s3": 8, "s4": 16, "s5": 32}

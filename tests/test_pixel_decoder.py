@@ -4,7 +4,7 @@ import math
 import torch
 
 from odise_core.config import get_config
-from odise_core.pixel_decoder import MSDeformAttnPixelDecoder, deformable_sample, sine_position_embedding
+from odise_core.modeling.pixel_decoder import MSDeformAttnPixelDecoder, deformable_sample, sine_position_embedding
 
 STRIDES = {"s2": 4, "s3": 8, "s4": 16, "s5": 32}
 

@@ -7,7 +7,7 @@ import skimage.data
 import torch
 
 from odise_core.config import get_config
-from odise_core.model import ODISE
+from odise_core.predictor import ODISEPredictor, build_predictor
 from odise_core.reference_mode import ReferenceEquivalentODISE
 from odise_core.vocabulary import TextEmbeddingCache, Vocabulary
 
@@ -17,17 +17,18 @@ def models():
     cfg = get_config("tiny")
     cfg.head.overlap_threshold = 0.0  # keep every segment so the comparison covers many
     cfg.precision = "fp32"  # the same arithmetic as the reference; bf16 is a separate lever (test_precision)
-    fast = ODISE.from_config(cfg, device="cpu", text_cache=TextEmbeddingCache(None))
-    ref = ReferenceEquivalentODISE.from_config(cfg, device="cpu")
+    fast = build_predictor(cfg, device="cpu", text_cache=TextEmbeddingCache(None))
+    ref = ODISEPredictor(ReferenceEquivalentODISE.from_config(cfg, device="cpu"))
     return fast, ref
 
 
 def test_reference_mode_does_the_extra_work(models):
     fast, ref = models
-    assert ref.backbone.feature_extractor.full_networks and not fast.backbone.feature_extractor.full_networks
-    assert ref.text_clip is not ref.clip and ref.mask_clip is not ref.clip
+    assert ref.model.backbone.feature_extractor.full_networks
+    assert not fast.model.backbone.feature_extractor.full_networks
+    assert ref.model.text_clip is not ref.model.clip and ref.model.mask_clip is not ref.model.clip
     calls = []
-    ref.sd_text_encoder.register_forward_hook(lambda *a: calls.append(1))
+    ref.model.sd_text_encoder.register_forward_hook(lambda *a: calls.append(1))
     vocab = Vocabulary.from_text("person,rocket,sky")
     ref.predict(skimage.data.coffee(), vocab)
     ref.predict(skimage.data.coffee(), vocab)

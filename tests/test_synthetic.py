@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from odise_core.synthetic import CLASS_NAMES, IS_THING, THING_CLASSES, make_dataset, make_scene
+from odise_core.tools.synthetic import CLASS_NAMES, IS_THING, THING_CLASSES, make_dataset, make_scene
 
 
 def test_same_seed_same_scene_and_different_seed_differs():

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from odise_core.training import (
+from odise_core.training.losses import (
     HungarianMatcher,
     SetCriterion,
     dice_loss,
@@ -111,9 +111,9 @@ def test_criterion_without_targets_pushes_to_no_object():
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
     from odise_core.config import get_config
-    from odise_core.model import ODISE
-    from odise_core.synthetic import CLASS_NAMES, IS_THING, make_scene
-    from odise_core.training import TrainSample
+    from odise_core.modeling.odise import ODISE
+    from odise_core.tools.synthetic import CLASS_NAMES, IS_THING, make_scene
+    from odise_core.training.finetune import TrainSample
     from odise_core.vocabulary import TextEmbeddingCache, Vocabulary
 
     cache = TextEmbeddingCache(tmp_path_factory.mktemp("text"))
@@ -127,7 +127,7 @@ def tiny_setup(tmp_path_factory):
 
 
 def _options(**kw):
-    from odise_core.training import FinetuneOptions
+    from odise_core.training.finetune import FinetuneOptions
     base = dict(steps=6, lr=1e-3, warmup=2, views_per_image=1, seed=3, grad_clip=1.0, num_points=2048)
     base.update(kw)
     return FinetuneOptions(**base)
@@ -135,7 +135,8 @@ def _options(**kw):
 
 def _fixed_loss(model, samples, vocab) -> float:
     """Loss of the model on the unaugmented views with fixed sampling points (no grad)."""
-    from odise_core.training import SetCriterion, plan_view, render_view
+    from odise_core.training.finetune import plan_view, render_view
+    from odise_core.training.losses import SetCriterion
     crit = SetCriterion(len(vocab), num_points=2048)
     total = 0.0
     cfg = model.cfg.backbone
@@ -151,7 +152,7 @@ def _fixed_loss(model, samples, vocab) -> float:
 
 
 def test_finetune_reduces_loss_and_trains_only_chosen_parts(tiny_setup):
-    from odise_core.training import finetune
+    from odise_core.training.finetune import finetune
     build, samples, vocab, cache = tiny_setup
     model = build()
     before = _fixed_loss(model, samples, vocab)
@@ -171,7 +172,7 @@ def test_finetune_reduces_loss_and_trains_only_chosen_parts(tiny_setup):
 
 
 def test_finetune_is_deterministic_for_a_seed(tiny_setup):
-    from odise_core.training import finetune
+    from odise_core.training.finetune import finetune
     build, samples, vocab, cache = tiny_setup
     opts = _options(steps=3, batch_size=2)
     first = finetune(build(), samples, opts, vocab=vocab, feature_cache=cache)
@@ -183,7 +184,7 @@ def test_finetune_is_deterministic_for_a_seed(tiny_setup):
 
 
 def test_finetune_progress_and_cancel(tiny_setup):
-    from odise_core.training import finetune
+    from odise_core.training.finetune import finetune
     build, samples, vocab, cache = tiny_setup
     calls = []
     result = finetune(build(), samples, _options(steps=10), progress=lambda s, t, l: calls.append((s, t, l)),
@@ -194,7 +195,7 @@ def test_finetune_progress_and_cancel(tiny_setup):
 
 
 def test_finetune_rejects_bad_samples(tiny_setup):
-    from odise_core.training import TrainSample, finetune
+    from odise_core.training.finetune import TrainSample, finetune
     build, samples, vocab, cache = tiny_setup
     s = samples[0]
     bad = TrainSample(s.image, s.masks, np.full(len(s.classes), len(vocab)))
@@ -205,7 +206,7 @@ def test_finetune_rejects_bad_samples(tiny_setup):
 
 
 def test_finetune_can_train_feature_projections(tiny_setup):
-    from odise_core.training import finetune
+    from odise_core.training.finetune import finetune
     build, samples, vocab, cache = tiny_setup
     model = build()
     proj = {k: v.clone() for k, v in model.backbone.feature_projections.state_dict().items()}
@@ -219,7 +220,7 @@ def test_finetune_can_train_feature_projections(tiny_setup):
 
 
 def test_feature_cache_limit_evicts_and_recomputes_identically(tiny_setup):
-    from odise_core.training import finetune
+    from odise_core.training.finetune import finetune
     build, samples, vocab, cache = tiny_setup
     reference = finetune(build(), samples, _options(steps=3), vocab=vocab, feature_cache=cache)
     small: dict = {}
@@ -232,18 +233,18 @@ def test_finetune_learns_one_scene_things_and_stuff():
     """Over-fitting one scene recovers every instance: the matcher, losses and panoptic inference
     handle things as well as stuff (held-out things stay hard for the random tiny backbone)."""
     from odise_core.config import get_config
-    from odise_core.model import ODISE
-    from odise_core.synthetic import CLASS_NAMES, IS_THING, make_dataset
-    from odise_core.training import FinetuneOptions, TrainSample, finetune
+    from odise_core.predictor import build_predictor
+    from odise_core.tools.synthetic import CLASS_NAMES, IS_THING, make_dataset
+    from odise_core.training.finetune import FinetuneOptions, TrainSample, finetune
     from odise_core.vocabulary import TextEmbeddingCache, VocabClass, Vocabulary
 
     cfg = get_config("tiny")
     cfg.backbone.min_size = 128
-    model = ODISE.from_config(cfg, device="cpu", text_cache=TextEmbeddingCache(None))
+    model = build_predictor(cfg, device="cpu", text_cache=TextEmbeddingCache(None))
     vocab = Vocabulary([VocabClass(n, (n,), t) for n, t in zip(CLASS_NAMES, IS_THING)])
     scene = make_dataset(2, seed=0, size=128)[1]
     assert sum(IS_THING[c] for c in scene.classes) >= 2  # several instances of a thing class
-    finetune(model, [TrainSample(scene.image, scene.masks, scene.classes)],
+    finetune(model.model, [TrainSample(scene.image, scene.masks, scene.classes)],
              FinetuneOptions(steps=250, lr=1e-3, batch_size=1, seed=0, num_points=3136), vocab=vocab)
     model.trained_classes = set(vocab.names)
     segments = model.predict(scene.image, vocab)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from odise_core.clip import ClipModel
 from odise_core.config import get_config
+from odise_core.modeling.clip import ClipModel
 from odise_core.vocabulary import TextEmbeddingCache, VocabClass, Vocabulary, is_base
 
 

@@ -263,7 +263,7 @@ def test_clip_found_in_local_file_or_hub_cache_under_weights_dir(where):
 def test_caption_checkpoint_loads_strictly_with_its_word_head(tmp_path):
     """The caption model's official layout: word_head.text_proj, a 2-way class_embed, empty_weight (2,)."""
     from odise_core.config import HeadConfig, get_config
-    from odise_core.model import ODISE
+    from odise_core.modeling.odise import ODISE
 
     cfg = get_config("tiny")
     cfg.head = HeadConfig(kind="caption", label_prompt="a photo of a {}.", embed_dim=cfg.head.embed_dim)

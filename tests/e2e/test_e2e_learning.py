@@ -1,7 +1,7 @@
 """The learning loop through a real Label Studio: annotate -> webhook -> train -> new model_version ->
 better predictions on the held-out tasks.
 
-Tasks are generated scenes (odise_core.synthetic) whose ground truth is known, annotated through the
+Tasks are generated scenes (odise_core.tools.synthetic) whose ground truth is known, annotated through the
 Label Studio API with polygons; each annotation fires Label Studio's ANNOTATION_CREATED webhook at
 the backend, whose policy (minimum count + debounce) starts one fine-tune. Predictions retrieved
 through Label Studio before and after are scored against the ground truth of the held-out tasks.
@@ -19,11 +19,11 @@ import requests
 from PIL import Image
 
 from backend.label_config import make_label_config
-from backend.jobs import is_better
+from backend.learning import is_better
 from backend.training_data import split_samples
-from odise_core.evaluation import evaluate
 from odise_core.geometry import PolygonOptions, mask_to_polygons, polygons_to_mask
-from odise_core.synthetic import CLASS_NAMES, IS_THING, make_dataset
+from odise_core.tools.evaluation import evaluate
+from odise_core.tools.synthetic import CLASS_NAMES, IS_THING, make_dataset
 from odise_core.types import Segment
 from odise_core.vocabulary import VocabClass, Vocabulary
 

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from odise_core.clip import ClipModel
 from odise_core.config import ModelConfig
-from odise_core.diffusion import DiffusionFeatureExtractor
+from odise_core.modeling.clip import ClipModel
+from odise_core.modeling.diffusion import DiffusionFeatureExtractor
 from odise_core.preprocess import window_origins
 
 MIN_STRIDE, MAX_STRIDE = 4, 32

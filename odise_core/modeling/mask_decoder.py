@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from odise_core.config import DecoderConfig, ModelConfig
-from odise_core.pixel_decoder import MSDeformAttnPixelDecoder, c2_xavier_fill, sine_position_embedding
+from odise_core.modeling.pixel_decoder import MSDeformAttnPixelDecoder, c2_xavier_fill, sine_position_embedding
 
 
 def _xavier_matrices(module: nn.Module) -> None:

@@ -1,0 +1,142 @@
+"""The ODISE network: frozen SD + CLIP features, mask heads and the MaskCLIP classifier; tensors in, tensors out.
+
+Images, the precision policy and output modes are the predictor's (odise_core/predictor.py).
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from odise_core import weights
+from odise_core.config import ModelConfig
+from odise_core.modeling.backbone import ODISEBackbone
+from odise_core.modeling.clip import ClipModel
+from odise_core.modeling.diffusion import DiffusionFeatureExtractor
+from odise_core.modeling.head import CategoryHead, clip_class_logits
+from odise_core.modeling.mask_decoder import SemSegHead
+from odise_core.vocabulary import TextEmbeddingCache, Vocabulary
+
+# Classes of the COCO panoptic training set; the checkpoint's no-object weight vector has K_train + 1 entries.
+COCO_TRAIN_CLASSES = 133
+
+
+class CheckpointCriterion(nn.Module):
+    """The official checkpoint's `criterion.empty_weight` (no-object weight per training class), kept so
+    checkpoints load strictly; inference never reads it and fine-tuning builds its own SetCriterion."""
+
+    def __init__(self, num_classes: int, eos_coef: float = 0.1):
+        super().__init__()
+        empty_weight = torch.ones(num_classes + 1)
+        empty_weight[-1] = eos_coef
+        self.register_buffer("empty_weight", empty_weight)
+
+
+class ODISE(nn.Module):
+    """The trainable ODISE parts plus references to the frozen SD and CLIP networks."""
+
+    FROZEN_PREFIXES = ("clip.", "backbone.feature_extractor.unet.", "backbone.feature_extractor.vae.")
+
+    def __init__(self, cfg: ModelConfig, clip: ClipModel, unet: nn.Module, vae: nn.Module,
+                 empty_prompt_embedding: torch.Tensor, text_cache: TextEmbeddingCache | None = None,
+                 full_networks: bool = False):
+        super().__init__()
+        self.cfg = cfg
+        self.clip = clip
+        extractor = DiffusionFeatureExtractor(cfg.diffusion, clip.dim, full_networks=full_networks,
+                                              sd=(unet, vae, empty_prompt_embedding))
+        self.backbone = ODISEBackbone(cfg, clip, feature_extractor=extractor)
+        self.sem_seg_head = SemSegHead(cfg, self.backbone.out_channels, self.backbone.out_strides)
+        self.category_head = CategoryHead(cfg.head, clip_dim=cfg.clip.embed_dim)
+        # The caption model classifies foreground/background only: its no-object weights have 2 entries.
+        self.criterion = CheckpointCriterion(COCO_TRAIN_CLASSES if cfg.head.kind == "label" else 1)
+        # class names a fine-tune trained on: ensembled like COCO's "seen in training" classes (alpha)
+        self.trained_classes: set[str] = set()
+        self.text_cache = text_cache or TextEmbeddingCache(weights.weights_dir(cfg.weights_dir) / "text_embeddings")
+        self.version = "random" if cfg.checkpoint is None else Path(str(cfg.checkpoint)).stem
+        for p in self.clip.parameters():
+            p.requires_grad_(False)
+
+    # ----------------------------------------------------------------- building
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, device: str | torch.device = "cpu",
+                    text_cache: TextEmbeddingCache | None = None) -> "ODISE":
+        """Build the network with the weights named by `cfg` on `device`, in eval mode; fails at once when
+        weights are missing. The precision policy is applied by the predictor (odise_core/predictor.py)."""
+        weights.check_weights_available(cfg)
+        where = weights.WeightsLocation.of(cfg)
+        torch.manual_seed(cfg.seed)
+        clip = ClipModel(cfg.clip, weights.load_clip(cfg.clip, where))
+        unet, vae, empty = weights.load_stable_diffusion(cfg.diffusion, where=where)
+        model = cls(cfg, clip, unet, vae, empty, text_cache=text_cache)
+        if cfg.checkpoint is not None:
+            weights.load_odise_checkpoint(model, cfg.checkpoint, where)
+        model.eval()
+        return model.to(device)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.category_head.parameters()).device
+
+    @functools.cached_property
+    def model_key(self) -> str:
+        """Identifies the CLIP weights (source, and file size/mtime for local files) for the text cache."""
+        kind, location = weights.resolve_clip_source(self.cfg.clip, weights.WeightsLocation.of(self.cfg))
+        ident = location
+        if kind == "file":
+            stat = Path(location).stat()
+            ident = f"{Path(location).resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
+        return f"{self.cfg.clip.model_name}:{kind}:{ident}"
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state dict in the official checkpoint's layout: everything but frozen SD/CLIP."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(self.FROZEN_PREFIXES)}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load trainable weights, requiring exactly the keys and shapes of `trainable_state_dict`."""
+        problem = weights.state_dict_mismatch(self.trainable_state_dict(), state)
+        if problem:
+            raise ValueError(f"checkpoint does not match the model: {problem}")
+        self.load_state_dict(state, strict=False)
+
+    # ----------------------------------------------------------------- stages
+    def text_embeddings(self, vocab: Vocabulary, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLIP text embeddings of every synonym with `prompt`, cached per vocabulary."""
+        texts, syn_to_class = vocab.synonyms_flat()
+        emb = self.text_cache.get(self.clip, self.model_key, prompt, texts)
+        return emb.to(self.device), syn_to_class.to(self.device)
+
+    def extract_features(self, image01: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Fused multi-scale diffusion features of padded images (B,3,Hp,Wp) in [0,1]; frozen, no grad."""
+        with torch.no_grad():
+            return self.backbone(image01.to(self.device))
+
+    def forward_heads(self, features: dict[str, torch.Tensor], vocab: Vocabulary) -> dict[str, Any]:
+        """Pixel decoder, transformer decoder and category head; differentiable (used by training)."""
+        mask_features, multi_scale = self.sem_seg_head.pixel_decoder(features)
+        out = self.sem_seg_head.predictor(multi_scale, mask_features)
+        text, syn_to_class = self.text_embeddings(vocab, self.cfg.head.label_prompt)
+        k = len(vocab)
+        result = {
+            "pred_masks": out["pred_masks"],
+            "mask_embed": out["mask_embed"],
+            "pred_logits": self.category_head(out["mask_embed"], text, syn_to_class, k, logit_scale=out["logit_scale"],
+                                              binary_logits=out.get("pred_logits")),
+            "aux_outputs": [
+                {"pred_masks": aux["pred_masks"],
+                 "pred_logits": self.category_head(aux["mask_embed"], text, syn_to_class, k,
+                                                   logit_scale=out["logit_scale"],
+                                                   binary_logits=aux.get("pred_logits"))}
+                for aux in out["aux_outputs"]
+            ],
+        }
+        return result
+
+    def classify_with_clip(self, image01: torch.Tensor, mask_logits: torch.Tensor, vocab: Vocabulary) -> torch.Tensor:
+        """MaskCLIP logits (B,Q,K) of the unpadded image with masks cropped to the same region."""
+        text, syn_to_class = self.text_embeddings(vocab, self.cfg.head.clip_prompt)
+        embeds = self.clip.mask_embeddings(image01, mask_logits)
+        return clip_class_logits(embeds, text, syn_to_class, len(vocab))
