@@ -62,12 +62,13 @@ def _run_serve(args: argparse.Namespace) -> int:
     def stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt  # `docker stop` sends SIGTERM: stop serving and cancel training jobs cleanly
 
-    signal.signal(signal.SIGTERM, stop)
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGTERM, previous)
         server.server_close()
         backend.jobs.shutdown(timeout=10)
     return 0
