@@ -5,7 +5,6 @@ encoded in the PNG as id = R + 256 * G + 256**2 * B, as in the COCO panoptic for
 """
 from __future__ import annotations
 
-import colorsys
 import json
 import logging
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from odise_core.geometry import coco_rle_encode, mask_bbox
+from odise_core.tools.visualize import palette
 from odise_core.types import Segment
 
 log = logging.getLogger(__name__)
@@ -45,11 +45,9 @@ class ExportImage:
 
 def make_categories(names: Sequence[str], is_thing: Sequence[bool]) -> list[Category]:
     """Categories with ids 1..K in vocabulary order and well-separated display colours."""
-    out = []
-    for i, (name, thing) in enumerate(zip(names, is_thing, strict=True)):
-        r, g, b = colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.65, 0.95)
-        out.append(Category(i + 1, str(name), bool(thing), (int(r * 255), int(g * 255), int(b * 255))))
-    return out
+    colours = palette(len(names))
+    return [Category(i + 1, str(name), bool(thing), colours[i])
+            for i, (name, thing) in enumerate(zip(names, is_thing, strict=True))]
 
 
 def categories_from_vocabulary(vocab: Any) -> list[Category]:
