@@ -14,6 +14,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 
 import numpy as np
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 from odise_core.geometry import coco_rle_encode, mask_bbox
 from odise_core.tools.visualize import palette
@@ -45,9 +46,11 @@ class ExportImage:
 
 def make_categories(names: Sequence[str], is_thing: Sequence[bool]) -> list[Category]:
     """Categories with ids 1..K in vocabulary order and well-separated display colours."""
+    out = []
     colours = palette(len(names))
-    return [Category(i + 1, str(name), bool(thing), colours[i])
-            for i, (name, thing) in enumerate(zip(names, is_thing, strict=True))]
+    for i, (name, thing) in enumerate(zip(names, is_thing, strict=True)):
+        out.append(Category(i + 1, str(name), bool(thing), colours[i]))
+    return out
 
 
 def categories_from_vocabulary(vocab: Any) -> list[Category]:
@@ -159,7 +162,7 @@ def export_coco_instances(images: Iterable[ExportImage], categories: Sequence[Ca
                 continue
             rle = coco_rle_encode(seg.mask)
             ann = {"id": len(annotations) + 1, "image_id": image.id, "category_id": categories[seg.class_index].id,
-                   "segmentation": rle, "area": float(seg.mask.sum()),
+                   "segmentation": rle, "area": float(mask_utils.area({**rle, "counts": rle["counts"].encode()})),
                    "bbox": [float(v) for v in mask_bbox(seg.mask)], "iscrowd": 0}
             if with_scores:
                 ann["score"] = float(seg.score)

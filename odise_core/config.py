@@ -127,7 +127,6 @@ class ClipConfig:
     custom: dict[str, Any] | None = None
     embed_dim: int = 768
     image_size: int = 336
-    patch_size: int = 14
     context_length: int = 77
 
 

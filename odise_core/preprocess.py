@@ -96,11 +96,17 @@ def load_image(src: ImageSource) -> np.ndarray:
 
 
 def resized_shape(h: int, w: int, min_size: int, max_size: int) -> tuple[int, int]:
-    """Shortest edge to min_size unless the long edge would exceed max_size (detectron2 rounding)."""
+    """Shortest edge to min_size unless the long edge would exceed max_size (detectron2 rounding).
+
+    A side never rounds to 0: an extremely thin image (4000x3 with a 640 px long-edge limit) keeps one
+    row and is zero-padded like any other to size_divisibility, instead of failing inside the resize.
+    """
+    if min(h, w) < 1:
+        raise ValueError(f"the image is {w}x{h} pixels: it has no pixels to segment")
     scale = min_size / min(h, w)
     if max(h, w) * scale > max_size:
         scale = max_size / max(h, w)
-    return int(h * scale + 0.5), int(w * scale + 0.5)
+    return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
 
 
 def prepare(image: np.ndarray, cfg: BackboneConfig) -> Prepared:

@@ -114,11 +114,6 @@ class Vocabulary:
         return cls(classes)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "Vocabulary":
-        """Bundled list format: one class per line, `thing|stuff<TAB>name,synonym,...`; `#` comments."""
-        return cls(_parse_list(Path(path).read_text(encoding="utf-8")))
-
-    @classmethod
     def coco_panoptic(cls) -> "Vocabulary":
         """COCO panoptic 133 classes (80 things, 53 stuff) with the reference's synonyms."""
         return cls(_bundled("coco_panoptic_133.tsv"))

@@ -78,3 +78,12 @@ def test_latency_interleaved_alternates_warm_images():
     ref, opt = results
     assert [run["query_classes"] for run in ref["runs"]["warm_all"]] == \
         [run["query_classes"] for run in opt["runs"]["warm_all"]]
+
+
+def test_interactive_reports_first_and_cached_answers():
+    report = json.loads(_run("interactive.py", "--preset", "tiny", "--clicks", "3", "--phrases", "1"))
+    assert report["full_passes"] == 1 and report["cached_tasks"] == 1  # one pass served every interaction
+    assert report["cached_click_seconds"]["n"] == report["cached_box_seconds"]["n"] == 3
+    assert report["new_phrase_seconds"]["n"] == 1 and report["labels"] == 133
+    assert report["bytes_per_cached_task"] > 100 * 64 * 64  # 100 queries' masks at least
+    assert 0 < report["cached_click_seconds"]["p50"] <= report["cached_click_seconds"]["max"]

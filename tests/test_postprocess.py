@@ -2,7 +2,8 @@
 import numpy as np
 import torch
 
-from odise_core.postprocess import instance_inference, panoptic_inference, resize_mask_logits, semantic_inference
+from odise_core.postprocess import (instance_inference, panoptic_inference, panoptic_segments, resize_mask_logits,
+                                   semantic_inference)
 
 BIG = 10.0
 
@@ -107,3 +108,52 @@ def test_resize_crops_padding_before_resizing():
     assert out.abs().max() < 1e-4  # nothing of the padded row leaks into the valid image
     uncropped = resize_mask_logits(low, padded_size=(8, 8), resized_size=(8, 8), original_size=(10, 16))
     assert uncropped.max() > 50
+
+
+def _segments_as_tuples(segments):
+    return [(s.class_index, s.score, s.is_thing, s.query_index, s.mask.shape, s.mask.tobytes()) for s in segments]
+
+
+def test_panoptic_by_query_gives_the_same_segments_as_upsampling_all_queries_at_once():
+    torch.manual_seed(0)
+    q, k = 40, 6
+    # Each query a blob at a random place (some overlap); a copy of query 3 tests that ties go to the first.
+    yy, xx = torch.meshgrid(torch.arange(45.0), torch.arange(61.0), indexing="ij")
+    centres, radii = torch.rand(q, 2) * torch.tensor([45.0, 61.0]), 4 + torch.rand(q) * 10
+    centres[3], radii[3] = torch.tensor([22.0, 30.0]), 12.0
+    logits = 6 - 12 * ((yy - centres[:, :1, None]) ** 2 + (xx - centres[:, 1:, None]) ** 2).sqrt() / radii[:, None, None]
+    logits[7] = logits[3]
+    probs = torch.softmax(torch.randn(q, k + 1) * 3, -1)
+    probs[3] = torch.tensor([0.97, 0.005, 0.005, 0.005, 0.005, 0.005, 0.005])
+    probs[7] = probs[3]
+    probs[5, :] = 0.0
+    probs[5, -1] = 1.0  # "no object": never upsampled
+    is_thing = torch.tensor([True, False, True, False, True, True])
+    for overlap in (0.0, 0.5, 0.8):
+        args = (probs, logits, (45, 61), (137, 190), is_thing, 0.1, overlap, 0.5)
+        direct = panoptic_segments(*args, budget_bytes=None)
+        chunked = panoptic_segments(*args, budget_bytes=0)
+        assert len(direct) >= 3, "the scene must have several segments to compare"
+        assert _segments_as_tuples(chunked) == _segments_as_tuples(direct)
+        assert all(s.mask.shape == (137, 190) for s in direct)
+        assert 3 in [s.query_index for s in direct] and 7 not in [s.query_index for s in direct], "ties: first query"
+        assert 5 not in [s.query_index for s in direct]
+    stuff = [s.class_index for s in direct if not s.is_thing]
+    assert len(stuff) == len(set(stuff)), "stuff of one class is merged into one segment"
+
+
+def test_panoptic_segments_switches_to_query_by_query_past_the_budget(monkeypatch):
+    import odise_core.postprocess as post
+
+    calls = []
+    real = post.panoptic_by_query
+    monkeypatch.setattr(post, "panoptic_by_query", lambda *a, **k: calls.append(1) or real(*a, **k))
+    probs, logits = _probs([(0, 0.9), (1, 0.8)]), torch.stack([_mask(8, 8, rows=slice(0, 4)), _mask(8, 8)])
+    per_query = 80 * 80 * 4
+    assert len(post.panoptic_segments(probs, logits, (8, 8), (80, 80), IS_THING, overlap_threshold=0.0,
+                                  budget_bytes=2 * per_query)) == 2
+    assert calls == []
+    segments = post.panoptic_segments(probs, logits, (8, 8), (80, 80), IS_THING, overlap_threshold=0.0,
+                                     budget_bytes=2 * per_query - 1)
+    assert calls == [1] and [s.class_index for s in segments] == [0, 1]
+    assert segments[0].mask[:35].all() and not segments[0].mask[45:].any() and segments[1].mask[45:].all()

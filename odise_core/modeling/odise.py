@@ -123,6 +123,8 @@ class ODISE(nn.Module):
         result = {
             "pred_masks": out["pred_masks"],
             "mask_embed": out["mask_embed"],
+            "logit_scale": out["logit_scale"],
+            "binary_logits": out.get("pred_logits"),  # the caption model's fg/bg logits, else None
             "pred_logits": self.category_head(out["mask_embed"], text, syn_to_class, k, logit_scale=out["logit_scale"],
                                               binary_logits=out.get("pred_logits")),
             "aux_outputs": [

@@ -18,7 +18,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from odise_core.geometry import coco_rle_encode, mask_bbox
+from odise_core.geometry import coco_rle_decode, coco_rle_encode, mask_bbox
 from odise_core.types import Segment
 
 log = logging.getLogger(__name__)
@@ -280,15 +280,12 @@ def load_coco_folder(folder: str | Path, annotations: str | Path | None = None) 
             if ann.get("iscrowd", 0):
                 continue
             seg = ann["segmentation"]
-            if isinstance(seg, list):
+            if isinstance(seg, list):  # polygons
                 if not seg:
                     continue
-                rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
-            elif isinstance(seg.get("counts"), list):
-                rle = mask_utils.frPyObjects(seg, h, w)
+                m = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(seg, h, w))).astype(bool)
             else:
-                rle = seg
-            m = mask_utils.decode(rle).astype(bool)
+                m = coco_rle_decode(seg)
             if m.any():
                 ci = cat_index[ann["category_id"]]
                 segs.append(Segment(m, ci, 1.0, is_thing[ci]))
