@@ -16,7 +16,6 @@ output. A config with nothing to predict raises LabelConfigError, which /setup r
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from xml.sax.saxutils import quoteattr
@@ -90,10 +89,9 @@ class ImageTarget:
 
 @dataclass
 class ProjectConfig:
-    """The parsed config: the images to predict and a fingerprint of everything that affects results."""
+    """The parsed config: the images to predict, with their controls and vocabularies."""
 
     targets: list[ImageTarget]
-    fingerprint: str
 
     @property
     def controls(self) -> list[ControlSpec]:
@@ -167,9 +165,7 @@ def parse_label_config(xml: str) -> ProjectConfig:
         if not value.startswith("$") or len(value) < 2:
             raise LabelConfigError(f'<Image name="{to_name}"> must take its URL from task data, e.g. value="$image"')
         targets.append(_image_target(to_name, value[1:], [c for c in controls if c.to_name == to_name]))
-    digest = hashlib.sha256(repr([(t.to_name, t.data_key, [(c.name, c.tag, c.labels) for c in t.controls])
-                                  for t in targets]).encode()).hexdigest()[:12]
-    return ProjectConfig(targets=targets, fingerprint=digest)
+    return ProjectConfig(targets=targets)
 
 
 def _image_target(to_name: str, data_key: str, controls: list[ControlSpec]) -> ImageTarget:
