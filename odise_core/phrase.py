@@ -12,7 +12,7 @@ import torch
 
 from odise_core.modeling.head import clip_class_logits, geometric_ensemble
 from odise_core.query_state import QueryState
-from odise_core.vocabulary import VocabClass, Vocabulary, is_base
+from odise_core.vocabulary import VocabClass, Vocabulary
 
 
 def extended_vocabulary(vocab: Vocabulary, phrase: str) -> Vocabulary:
@@ -49,6 +49,6 @@ def phrase_probabilities(model: Any, state: QueryState, vocab: Vocabulary, phras
     odise_logits = model.category_head(state.mask_embed[None].to(device), label_text, label_syn, k,
                                        logit_scale=state.logit_scale, binary_logits=binary)
     clip_logits = clip_class_logits(state.clip_embeds[None].to(device), clip_text, clip_syn, k)
-    seen = is_base(extended) | torch.tensor([n in model.trained_classes for n in extended.names], dtype=torch.bool)
+    seen = extended.is_base | torch.tensor([n in model.trained_classes for n in extended.names], dtype=torch.bool)
     head = model.cfg.head
     return geometric_ensemble(odise_logits.float(), clip_logits.float(), seen.to(device), head.alpha, head.beta)[0].cpu()
