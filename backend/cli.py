@@ -9,6 +9,8 @@ from backend.learning_cli import add_commands as add_learning_commands
 from backend.ls_client import LabelStudioAuthError, add_label_studio_flags
 from backend.settings import SettingsError, add_model_dir_flag, add_model_flags
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="odise-ls", description=__doc__)
@@ -60,12 +62,13 @@ def _run_serve(args: argparse.Namespace) -> int:
     def stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt  # `docker stop` sends SIGTERM: stop serving and cancel training jobs cleanly
 
-    signal.signal(signal.SIGTERM, stop)
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGTERM, previous)
         server.server_close()
         backend.jobs.shutdown(timeout=10)
     return 0
@@ -117,7 +120,12 @@ def _run_prelabel(args: argparse.Namespace) -> int:
             WorkersDisagree) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted before any image was predicted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(summary.format())
+    if summary.interrupted:
+        return EXIT_INTERRUPTED
     return 1 if summary.failures else 0
 
 

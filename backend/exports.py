@@ -5,7 +5,6 @@ encoded in the PNG as id = R + 256 * G + 256**2 * B, as in the COCO panoptic for
 """
 from __future__ import annotations
 
-import colorsys
 import json
 import logging
 from dataclasses import dataclass, field
@@ -17,6 +16,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from odise_core.geometry import coco_rle_encode, mask_bbox
+from odise_core.tools.visualize import palette
 from odise_core.types import Segment
 
 log = logging.getLogger(__name__)
@@ -46,9 +47,9 @@ class ExportImage:
 def make_categories(names: Sequence[str], is_thing: Sequence[bool]) -> list[Category]:
     """Categories with ids 1..K in vocabulary order and well-separated display colours."""
     out = []
+    colours = palette(len(names))
     for i, (name, thing) in enumerate(zip(names, is_thing, strict=True)):
-        r, g, b = colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.65, 0.95)
-        out.append(Category(i + 1, str(name), bool(thing), (int(r * 255), int(g * 255), int(b * 255))))
+        out.append(Category(i + 1, str(name), bool(thing), colours[i]))
     return out
 
 
@@ -69,12 +70,6 @@ def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
     """RGB (H, W, 3) -> panoptic segment ids (H, W) int64; inverse of `id_to_rgb`."""
     rgb = np.asarray(rgb, dtype=np.int64)
     return rgb[..., 0] + 256 * rgb[..., 1] + 256**2 * rgb[..., 2]
-
-
-def _bbox(mask: np.ndarray) -> list[int]:
-    """[x, y, w, h] of a non-empty boolean mask."""
-    ys, xs = np.nonzero(mask)
-    return [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
 
 
 def _check(image: ExportImage, categories: Sequence[Category]) -> None:
@@ -109,7 +104,7 @@ def panoptic_map(image: ExportImage, categories: Sequence[Category]) -> tuple[np
     for entry in info:
         mask = ids == entry["id"]
         if mask.any():
-            kept.append({**entry, "area": int(mask.sum()), "bbox": _bbox(mask)})
+            kept.append({**entry, "area": int(mask.sum()), "bbox": list(mask_bbox(mask))})
     return ids, kept
 
 
@@ -155,12 +150,6 @@ def export_coco_panoptic(images: Iterable[ExportImage], categories: Sequence[Cat
     return path
 
 
-def encode_rle(mask: np.ndarray) -> dict[str, Any]:
-    """COCO compressed RLE of a boolean mask, JSON-ready (counts as str)."""
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
-
-
 def export_coco_instances(images: Iterable[ExportImage], categories: Sequence[Category], out_path: str | Path,
                           with_scores: bool = False) -> Path:
     """Write the thing segments as COCO instances JSON (RLE masks); stuff segments are left out."""
@@ -171,10 +160,10 @@ def export_coco_instances(images: Iterable[ExportImage], categories: Sequence[Ca
         for seg in image.segments:
             if not categories[seg.class_index].isthing or not seg.mask.any():
                 continue
-            rle = encode_rle(seg.mask)
+            rle = coco_rle_encode(seg.mask)
             ann = {"id": len(annotations) + 1, "image_id": image.id, "category_id": categories[seg.class_index].id,
                    "segmentation": rle, "area": float(mask_utils.area({**rle, "counts": rle["counts"].encode()})),
-                   "bbox": [float(v) for v in _bbox(seg.mask)], "iscrowd": 0}
+                   "bbox": [float(v) for v in mask_bbox(seg.mask)], "iscrowd": 0}
             if with_scores:
                 ann["score"] = float(seg.score)
             annotations.append(ann)
@@ -199,7 +188,7 @@ def segments_to_coco_json(segments: Sequence[Segment], vocab: Any, file_name: st
         cat = categories[seg.class_index]
         out.append({"id": i, "category_id": cat.id, "category": cat.name, "isthing": int(cat.isthing),
                     "score": round(float(seg.score), 4), "area": int(seg.mask.sum()),
-                    "bbox": _bbox(seg.mask), "segmentation": encode_rle(seg.mask)})
+                    "bbox": list(mask_bbox(seg.mask)), "segmentation": coco_rle_encode(seg.mask)})
     return {"file_name": file_name, "height": h, "width": w, "categories": _categories_json(categories),
             "segments": out}
 

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from backend.interactive import Interaction, InteractionError
 from backend.label_config import ControlSpec, ImageTarget, ProjectConfig
@@ -27,6 +28,7 @@ from odise_core.types import Segment
 log = logging.getLogger(__name__)
 
 _PREFERRED_KINDS = ("polygon", "brush", "rectangle")
+Answer = tuple[np.ndarray, int, float, int]  # (mask at image size, class, score, query)
 
 
 def output_control(target: ImageTarget, tool: str) -> tuple[ControlSpec, dict[int, str]]:
@@ -45,6 +47,14 @@ def class_of_label(label: str | None, mapping: dict[int, str]) -> int | None:
             if value == label if exact else value.lower() == label.strip().lower():
                 return k
     return None
+
+
+def clicked_parts(mask: np.ndarray, points: list[tuple[int, int]]) -> np.ndarray:
+    """The 8-connected parts of `mask` holding one of the (x, y) `points`; all of `mask` when none does."""
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    h, w = mask.shape
+    ids = {int(labels[min(max(y, 0), h - 1), min(max(x, 0), w - 1)]) for x, y in points} - {0}
+    return np.isin(labels, sorted(ids)) if ids else mask
 
 
 def best_class(probs: torch.Tensor, mapping: dict[int, str]) -> int:
@@ -97,17 +107,10 @@ class InteractivePredictor:
         picked = class_of_label(interaction.label, mapping)
         if interaction.kind == "text":
             answers = self._text(state, target, model, interaction.text, picked, mapping)
+        elif interaction.kind == "click":
+            answers = self._click(state, interaction, picked, mapping)
         else:
-            query = self._click(state, interaction) if interaction.kind == "click" else None
-            box_mask = None
-            if interaction.kind == "box":
-                query, box_mask = self._box(state, interaction)
-            answers = []
-            if query is not None:
-                k = picked if picked is not None else best_class(state.class_probs[query], mapping)
-                mask = state.full_mask(query)
-                answers.append((mask if box_mask is None else mask & box_mask, k,
-                                float(state.class_probs[query, k]), query))
+            answers = self._box(state, interaction, picked, mapping)
         regions: list[dict] = []
         for mask, k, score, query in answers:
             segment = Segment(mask=mask, class_index=k, score=score,
@@ -123,25 +126,42 @@ class InteractivePredictor:
         (h, w), (ih, iw) = state.grid_size, state.image_size
         return max(1, int(self.options.min_area * h * w / (ih * iw)))
 
-    def _click(self, state: QueryState, interaction: Interaction) -> int | None:
-        ih, iw = state.image_size
-        clicks = [Click(*state.to_grid(x / 100 * iw, y / 100 * ih), positive=positive)
-                  for x, y, positive in interaction.clicks]
-        if not any(c.positive for c in clicks):
-            raise InteractionError("only negative clicks: add a positive click on the object you want")
-        return select_click(state.mask_logits, state.is_object, clicks, self._min_pixels(state))
+    @staticmethod
+    def _labeled(state: QueryState, query: int, mask: np.ndarray, picked: int | None,
+                 mapping: dict[int, str]) -> list[Answer]:
+        """One answer for `query`: the picked label's class, else the query's best output class."""
+        k = picked if picked is not None else best_class(state.class_probs[query], mapping)
+        return [(mask, k, float(state.class_probs[query, k]), query)]
 
-    def _box(self, state: QueryState, interaction: Interaction) -> tuple[int | None, np.ndarray]:
+    def _click(self, state: QueryState, interaction: Interaction, picked: int | None,
+               mapping: dict[int, str]) -> list[Answer]:
+        ih, iw = state.image_size
+        pixels = [(x / 100 * iw, y / 100 * ih, positive) for x, y, positive in interaction.clicks]
+        if not any(positive for _, _, positive in pixels):
+            raise InteractionError("only negative clicks: add a positive click on the object you want")
+        clicks = [Click(*state.to_grid(x, y), positive=positive) for x, y, positive in pixels]
+        query = select_click(state.mask_logits, state.is_object, clicks, self._min_pixels(state))
+        if query is None:
+            return []
+        # the part of the query's mask the clicks fell on, not its other parts elsewhere in the image
+        mask = clicked_parts(state.full_mask(query), [(int(x), int(y)) for x, y, positive in pixels if positive])
+        return self._labeled(state, query, mask, picked, mapping)
+
+    def _box(self, state: QueryState, interaction: Interaction, picked: int | None,
+             mapping: dict[int, str]) -> list[Answer]:
         ih, iw = state.image_size
         x, y, w, h = interaction.box
         x0, y0 = x / 100 * iw, y / 100 * ih
         x1, y1 = (x + w) / 100 * iw, (y + h) / 100 * ih
         grid = Box(*state.to_grid(x0, y0), *state.to_grid(x1, y1))
         query = select_box(state.mask_logits, state.is_object, grid, self._min_pixels(state))
-        return query, Box(x0, y0, x1, y1).grid_mask(state.image_size).numpy()
+        if query is None:
+            return []
+        mask = state.full_mask(query) & Box(x0, y0, x1, y1).grid_mask(state.image_size).numpy()
+        return self._labeled(state, query, mask, picked, mapping)
 
     def _text(self, state: QueryState, target: ImageTarget, model: Any, phrase: str, picked: int | None,
-              mapping: dict[int, str]) -> list[tuple[np.ndarray, int, float, int]]:
+              mapping: dict[int, str]) -> list[Answer]:
         vocab = target.vocabulary
         known = next((k for k, c in enumerate(vocab.classes) if phrase.lower() in (s.lower() for s in c.synonyms)),
                      None)

@@ -16,14 +16,13 @@ output. A config with nothing to predict raises LabelConfigError, which /setup r
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from xml.sax.saxutils import quoteattr
 
 from label_studio_sdk.label_interface import LabelInterface
 
-from odise_core.vocabulary import VocabClass, Vocabulary
+from odise_core.vocabulary import VocabClass, Vocabulary, seen_in_coco_training
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +37,14 @@ class LabelConfigError(ValueError):
     """The label config cannot be predicted for; the message says what to change."""
 
 
+def label_vocab_class(name: str, synonyms: tuple[str, ...] = (), is_thing: bool = True) -> VocabClass:
+    """A class for a Label Studio label, counted as seen in COCO training (base) ignoring case: Label
+    Studio labels are usually capitalised ("Person", "Dining Table"), which the reference's exact
+    match would count as novel."""
+    return VocabClass(name=name, synonyms=synonyms, is_thing=is_thing,
+                      is_base=seen_in_coco_training((name, *synonyms), case_sensitive=False))
+
+
 @dataclass(frozen=True)
 class LabelSpec:
     """One <Label>: its value in results and the names the model searches for."""
@@ -47,7 +54,7 @@ class LabelSpec:
     is_thing: bool = True
 
     def vocab_class(self) -> VocabClass:
-        return VocabClass(name=self.value, synonyms=self.synonyms, is_thing=self.is_thing)
+        return label_vocab_class(self.value, self.synonyms, self.is_thing)
 
 
 @dataclass(frozen=True)
@@ -82,10 +89,9 @@ class ImageTarget:
 
 @dataclass
 class ProjectConfig:
-    """The parsed config: the images to predict and a fingerprint of everything that affects results."""
+    """The parsed config: the images to predict, with their controls and vocabularies."""
 
     targets: list[ImageTarget]
-    fingerprint: str
 
     @property
     def controls(self) -> list[ControlSpec]:
@@ -159,9 +165,7 @@ def parse_label_config(xml: str) -> ProjectConfig:
         if not value.startswith("$") or len(value) < 2:
             raise LabelConfigError(f'<Image name="{to_name}"> must take its URL from task data, e.g. value="$image"')
         targets.append(_image_target(to_name, value[1:], [c for c in controls if c.to_name == to_name]))
-    digest = hashlib.sha256(repr([(t.to_name, t.data_key, [(c.name, c.tag, c.labels) for c in t.controls])
-                                  for t in targets]).encode()).hexdigest()[:12]
-    return ProjectConfig(targets=targets, fingerprint=digest)
+    return ProjectConfig(targets=targets)
 
 
 def _image_target(to_name: str, data_key: str, controls: list[ControlSpec]) -> ImageTarget:

@@ -150,13 +150,14 @@ def _source(args: argparse.Namespace) -> Source:
     from odise_core.tools.evaluation import load_coco_folder, merge_stuff
     from odise_core.preprocess import load_image
     from odise_core.training.finetune import TrainSample
-    from odise_core.vocabulary import VocabClass, Vocabulary
+    from backend.label_config import label_vocab_class
+    from odise_core.vocabulary import Vocabulary
 
     import numpy as np
 
     if args.coco is not None:
         ds = load_coco_folder(args.coco)
-        vocab = Vocabulary([VocabClass(n, (n,), t) for n, t in zip(ds.class_names, ds.is_thing)])
+        vocab = Vocabulary([label_vocab_class(n, (), t) for n, t in zip(ds.class_names, ds.is_thing)])
 
         def fetch_coco(fraction: float) -> Any:
             items = []
@@ -315,9 +316,7 @@ def _run_rank(args: argparse.Namespace) -> int:
 def _run_evaluate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from backend.learning import VersionStore
-    from backend.learning.promotion import ground_truth_segments
-    from odise_core.tools.evaluation import Evaluator
+    from backend.learning import VersionStore, evaluate_model
 
     source = _source(args)
     settings, model, base = _build_model(args)
@@ -327,14 +326,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     samples = data.train + data.holdout
     if not samples:
         raise CommandError(f"no usable annotations in {source.key} (skipped: {dict(data.skipped)})")
-    flags = [bool(t) for t in source.vocab.is_thing]
-    ev = Evaluator(list(source.vocab.names), flags)
     t0 = time.perf_counter()
-    for s in tqdm(samples, desc="evaluate", unit="img"):
-        pred = model.predict(s.image, source.vocab, mode="panoptic")
-        inst = model.predict(s.image, source.vocab, mode="instance")
-        ev.add(pred, ground_truth_segments(s, flags), instances=inst)
-    result = ev.summarize()
+    result = evaluate_model(model, tqdm(samples, desc="evaluate", unit="img"), source.vocab)  # one pass per image
     print(f"project {source.key}, model version {version}, {time.perf_counter() - t0:.1f} s")
     _print_figures(result)
     if args.json:

@@ -4,7 +4,9 @@ Predictions are made by the same `backend.model.ODISEBackend` the server uses (s
 same model version string). Both modes are resumable (a task or image that already has a
 prediction of this model version is skipped), show a progress bar, list per-image failures
 without stopping, and overlap image fetching with compute: a small thread pool reads images
-ahead into the backend's image cache while the model works on the current one.
+ahead into the backend's image cache while the model works on the current one. Ctrl-C stops a run
+cleanly: the image in flight is abandoned, what was done is kept (Label Studio predictions, or the
+folder mode's journal) and the summary says how to resume.
 """
 from __future__ import annotations
 
@@ -41,6 +43,16 @@ class Failure:
 
 
 @dataclass
+class Progress:
+    """How far `run_overlapped` got: items computed, failures, wall seconds, and whether Ctrl-C stopped it."""
+
+    done: int = 0
+    failures: list[Failure] = field(default_factory=list)
+    seconds: float = 0.0
+    interrupted: bool = False
+
+
+@dataclass
 class PrelabelSummary:
     """What a run did; `images_per_second` counts predicted items over the run's wall time."""
 
@@ -50,6 +62,12 @@ class PrelabelSummary:
     failures: list[Failure] = field(default_factory=list)
     seconds: float = 0.0
     model_version: str = ""
+    interrupted: bool = False
+    resume: str = ""  # where the done work is kept, when interrupted
+
+    def record(self, progress: Progress) -> None:
+        self.predicted, self.failures, self.seconds = progress.done, progress.failures, progress.seconds
+        self.interrupted = progress.interrupted
 
     @property
     def images_per_second(self) -> float:
@@ -61,47 +79,57 @@ class PrelabelSummary:
                  f"{self.skipped} already done, {len(self.failures)} failed, {self.seconds:.1f} s "
                  f"({self.images_per_second:.2f} images/s)"]
         lines += [f"  FAILED {f.item}: {f.error}" for f in self.failures]
+        if self.interrupted:
+            left = self.total - self.skipped - self.predicted - len(self.failures)
+            lines.append(f"interrupted: {left} item(s) not done. {self.resume} Run the same command again to "
+                         "resume: items that already have a prediction of this model version are skipped.")
         return "\n".join(lines)
 
 
 def run_overlapped(items: Sequence[T], fetch: Callable[[T], Any], compute: Callable[[T, Any], None],
                    name: Callable[[T], str], workers: int = 2, prefetch: int = 4, progress: bool = True,
-                   desc: str = "prelabel") -> tuple[int, list[Failure], float]:
+                   desc: str = "prelabel") -> Progress:
     """Run `fetch` on a thread pool up to `prefetch` items ahead while `compute` runs here, in order.
 
-    Returns (items computed, failures, wall seconds). A failing fetch or compute is recorded and
-    the run goes on.
+    A failing fetch or compute is recorded and the run goes on. Ctrl-C (KeyboardInterrupt) abandons
+    the item in flight, cancels the read-ahead and returns with `interrupted` set.
     """
-    failures: list[Failure] = []
-    done = 0
+    result = Progress()
     ahead = max(1, min(prefetch, MAX_PREFETCH))
     start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="prefetch") as pool, \
-            tqdm(total=len(items), desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar, \
-            (logging_redirect_tqdm() if progress else nullcontext()):
-        pending: deque[tuple[T, Future]] = deque()
-        queue = iter(items)
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="prefetch")
+    pending: deque[tuple[T, Future]] = deque()
+    try:
+        with tqdm(total=len(items), desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar, \
+                (logging_redirect_tqdm() if progress else nullcontext()):
+            queue = iter(items)
 
-        def refill() -> None:
-            for item in queue:
-                pending.append((item, pool.submit(fetch, item)))
-                if len(pending) >= ahead:
-                    return
+            def refill() -> None:
+                for item in queue:
+                    pending.append((item, pool.submit(fetch, item)))
+                    if len(pending) >= ahead:
+                        return
 
-        refill()
-        while pending:
-            item, future = pending.popleft()
             refill()
-            try:
-                compute(item, future.result())
-                done += 1
-            except Exception as e:  # noqa: BLE001 - one bad image must not stop a 10,000-image run
-                failures.append(Failure(name(item), str(e) if isinstance(e, PredictionError)
-                                        else f"{type(e).__name__}: {e}"))
-                log.warning("%s failed: %s", name(item), e)
-            bar.update(1)
-            bar.set_postfix(failed=len(failures), refresh=False)
-    return done, failures, time.perf_counter() - start
+            while pending:
+                item, future = pending.popleft()
+                refill()
+                try:
+                    compute(item, future.result())
+                    result.done += 1
+                except Exception as e:  # noqa: BLE001 - one bad image must not stop a 10,000-image run
+                    result.failures.append(Failure(name(item), str(e) if isinstance(e, PredictionError)
+                                                   else f"{type(e).__name__}: {e}"))
+                    log.warning("%s failed: %s", name(item), e)
+                bar.update(1)
+                bar.set_postfix(failed=len(result.failures), refresh=False)
+    except KeyboardInterrupt:
+        result.interrupted = True
+        log.warning("interrupted: the item in flight is abandoned, %d done so far are kept", result.done)
+    finally:
+        pool.shutdown(wait=not result.interrupted, cancel_futures=True)
+    result.seconds = time.perf_counter() - start
+    return result
 
 
 def _has_version(predictions: Iterable[dict[str, Any]] | None, model_version: str) -> bool:
@@ -159,9 +187,21 @@ class ImportFile:
             for task in json.loads(self.path.read_text()):
                 self.tasks[task["data"][data_key]] = task
         if self.journal.exists():
-            for line in self.journal.read_text().splitlines():
-                if line.strip():
-                    self._merge(json.loads(line))
+            self._load_journal()
+
+    def _load_journal(self) -> None:
+        """Merge the journal; a last line cut short (killed mid-write) is dropped from the file."""
+        lines = [line for line in self.journal.read_text().splitlines() if line.strip()]
+        for i, line in enumerate(lines):
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                if i < len(lines) - 1:
+                    raise ValueError(f"{self.journal} line {i + 1} is not JSON; delete the line or the file") from None
+                log.warning("%s: dropping a last line cut short by an interruption", self.journal)
+                self.journal.write_text("".join(good + "\n" for good in lines[:-1]))
+                continue
+            self._merge(entry)
 
     def _merge(self, entry: dict[str, Any]) -> None:
         task = self.tasks.setdefault(entry["url"], {"data": {self.data_key: entry["url"]}, "predictions": []})
@@ -212,11 +252,15 @@ def prelabel_folder(backend: Any, label_config: str, folder: str | Path, out_jso
         out.add(urls[task["data"][data_key]], runner.predict(task))
 
     try:
-        summary.predicted, summary.failures, summary.seconds = run_overlapped(
-            todo, runner.fetch, compute, name=lambda t: urls[t["data"][data_key]], workers=workers, prefetch=prefetch,
-            progress=progress)
-    finally:
-        out.write()
+        summary.record(run_overlapped(todo, runner.fetch, compute, name=lambda t: urls[t["data"][data_key]],
+                                      workers=workers, prefetch=prefetch, progress=progress))
+    except BaseException:
+        out.write()  # a crash keeps what was done, in the JSON
+        raise
+    if summary.interrupted:  # leave no half-written JSON behind; the journal holds every finished image
+        summary.resume = f"The {summary.predicted} image(s) done are kept in {out.journal}."
+        return summary
+    out.write()
     log.info("import JSON with %d task(s) written to %s", len(out.tasks), out.path)
     return summary
 
@@ -250,9 +294,10 @@ def prelabel_project(backend: Any, client: Any, project_id: int, workers: int = 
         client.predictions.create(task=int(task["id"]), result=prediction["result"], score=prediction.get("score"),
                                   model_version=version)
 
-    summary.predicted, summary.failures, summary.seconds = run_overlapped(
-        todo, runner.fetch, compute, name=lambda t: f"task {t['id']}", workers=workers, prefetch=prefetch,
-        progress=progress)
+    summary.record(run_overlapped(todo, runner.fetch, compute, name=lambda t: f"task {t['id']}", workers=workers,
+                                  prefetch=prefetch, progress=progress))
+    if summary.interrupted:
+        summary.resume = f"The {summary.predicted} prediction(s) made are saved in project {project_id}."
     return summary
 
 

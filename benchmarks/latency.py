@@ -94,10 +94,12 @@ def session(preset: str, size: int, mode: str, classes: int, device: str, precis
     image = skimage.data.astronaut()
     clock = StageClock(model)
     _, sd_dtype = predictor.apply_precision()
+    ext = model.backbone.feature_extractor
+    sd_bytes = sum(p.numel() * p.element_size() for net in (ext.unet, ext.vae) for p in net.parameters())
     result = {"mode": mode, "precision": cfg.precision, "sd_dtype": str(sd_dtype).replace("torch.", ""),
               "preset": preset, "size": size, "classes": len(vocab), "device": str(model.device),
               "build_s": build.seconds, "build_peak_rss_mb": build.peak_rss / 2**20,
-              "model_mb": params / 2**20, "runs": {}}
+              "model_mb": params / 2**20, "sd_mb": sd_bytes / 2**20, "runs": {}}
 
     def measure() -> dict:
         with PeakMemory() as mem:
@@ -106,7 +108,9 @@ def session(preset: str, size: int, mode: str, classes: int, device: str, precis
         stages.pop("backbone")
         stages.update(clock.split())
         return {"total_s": mem.seconds, "peak_rss_mb": mem.peak_rss / 2**20, "peak_cuda_mb": mem.peak_cuda / 2**20,
-                "stages_s": stages, "segments": len(raw.segments)}
+                "stages_s": stages, "segments": len(raw.segments),
+                "segment_classes": [s.class_index for s in raw.segments],
+                "query_classes": raw.class_probs.argmax(-1).tolist()}
 
     return result, measure
 
@@ -133,7 +137,8 @@ def median_run(runs: list[dict]) -> dict:
     stages = {k: statistics.median(r["stages_s"].get(k, 0.0) for r in runs) for k in runs[0]["stages_s"]}
     return {"total_s": statistics.median(r["total_s"] for r in runs),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "peak_cuda_mb": max(r["peak_cuda_mb"] for r in runs),
-            "stages_s": stages, "segments": runs[-1]["segments"], "runs": len(runs),
+            "stages_s": stages, "segments": runs[-1]["segments"], "segment_classes": runs[-1]["segment_classes"],
+            "query_classes": runs[-1]["query_classes"], "runs": len(runs),
             "total_s_min": min(r["total_s"] for r in runs), "total_s_max": max(r["total_s"] for r in runs)}
 
 

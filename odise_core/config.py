@@ -93,6 +93,8 @@ class DiffusionConfig:
     unet: dict[str, Any] = field(default_factory=lambda: dict(SD_V1_UNET))
     vae: dict[str, Any] = field(default_factory=lambda: dict(SD_V1_VAE))
     pretrained: str | None = "CompVis/stable-diffusion-v1-3"  # hub id, diffusers dir or .ckpt; None = random
+    # file with SD's (1,77,C) encoding of "" (weights.load_empty_prompt), for checkpoints without a text encoder
+    empty_prompt: str | None = None
     vae_scale: float = 0.18215
     timestep: int = 0
     noise_seed: int = 42
@@ -127,7 +129,6 @@ class ClipConfig:
     custom: dict[str, Any] | None = None
     embed_dim: int = 768
     image_size: int = 336
-    patch_size: int = 14
     context_length: int = 77
 
 
@@ -193,6 +194,10 @@ class HeadConfig:
     overlap_threshold: float = 0.8
     mask_threshold: float = 0.5
     max_instances: int = 100
+    # What MaskCLIP sees. "reference": the decoder's 1/4-resolution mask logits of the padded canvas
+    # resized straight to CLIP's input, as the official pipeline (masks and image misaligned when the
+    # image is padded). "aligned": masks upsampled to the canvas and cropped to the image first (a deviation).
+    maskclip_input: str = "reference"
 
 
 @dataclass

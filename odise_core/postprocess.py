@@ -184,10 +184,13 @@ def panoptic_by_query(probs: torch.Tensor, mask_logits: torch.Tensor, resized_si
 
 
 def instance_inference(probs: torch.Tensor, mask_logits: torch.Tensor, is_thing: torch.Tensor,
-                       max_instances: int = 100, things_only: bool = True) -> list[Segment]:
+                       max_instances: int = 100, things_only: bool = True, keep_empty: bool = True
+                       ) -> list[Segment]:
     """Top (query, class) pairs by class probability, scored class prob * mean mask prob inside the mask.
 
-    Pairs whose mask (logit > 0) is empty are skipped. As in the reference's panoptic-on setting, only thing classes are kept unless `things_only` is False.
+    As in the reference's panoptic-on setting, only thing classes are kept unless `things_only` is False.
+    A pair whose mask (logit > 0) is empty is kept with score 0, as the reference (a false positive
+    ranked last in mask AP), unless `keep_empty` is False.
     """
     q, k1 = probs.shape
     num_classes = k1 - 1
@@ -204,7 +207,7 @@ def instance_inference(probs: torch.Tensor, mask_logits: torch.Tensor, is_thing:
         logits = mask_logits[qi].float()
         binary = logits > 0
         mask_score = float((logits.sigmoid() * binary).sum() / (binary.sum() + 1e-6))
-        if not bool(binary.any()):
+        if not keep_empty and not bool(binary.any()):
             continue
         out.append(Segment(mask=binary.cpu().numpy(), class_index=int(cls), score=score * mask_score,
                            is_thing=thing, query_index=int(qi)))

@@ -9,18 +9,21 @@ from __future__ import annotations
 import functools
 import time
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from odise_core.config import ModelConfig
-from odise_core.modeling.head import geometric_ensemble
+from odise_core.modeling.head import clip_class_logits, geometric_ensemble
 from odise_core.modeling.odise import ODISE
+from odise_core.phrase import phrase_probabilities
 from odise_core.postprocess import DIRECT_BUDGET_BYTES, MODES, segments_for_mode
 from odise_core.preprocess import Prepared, load_image, prepare
+from odise_core.query_state import QueryState, bounded_mask_logits
 from odise_core.types import RawPrediction, Segment
-from odise_core.vocabulary import TextEmbeddingCache, Vocabulary, is_base
+from odise_core.vocabulary import TextEmbeddingCache, Vocabulary
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -63,6 +66,18 @@ def precision_plan(precision: str, device: torch.device) -> tuple[torch.dtype | 
     if device.type == "cpu" and (precision == "bf16" or cpu_has_native_bf16()):
         return None, torch.bfloat16
     return None, torch.float32
+
+
+@dataclass
+class _Forward:
+    """What one full pass computes, before any output mode."""
+
+    prep: Prepared
+    out: dict[str, Any]  # the network's forward_heads outputs
+    mask_logits: torch.Tensor  # (Q, h, w) at the resized size, unpadded
+    clip_embeds: torch.Tensor | None  # (1, Q, D) when kept
+    probs: torch.Tensor  # (Q, K+1)
+    timings: dict[str, float]
 
 
 class ODISEPredictor:
@@ -117,14 +132,8 @@ class ODISEPredictor:
         autocast_dtype, _ = self.apply_precision()
         return torch.autocast(self.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
 
-    @torch.inference_mode()
-    def predict_raw(self, image: Any, vocab: Vocabulary, mode: str = "panoptic") -> RawPrediction:
-        """Segments plus per-query class probabilities and mask logits for one image.
-
-        `image`: anything odise_core.preprocess.load_image reads (path, bytes, PIL image, array).
-        """
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    def _forward(self, image: Any, vocab: Vocabulary, keep_clip_embeds: bool = False) -> _Forward:
+        """One full pass: features, heads, MaskCLIP and the ensembled probabilities of one image."""
         if len(vocab) == 0:
             raise ValueError("the vocabulary is empty: give at least one class")
         model = self.model
@@ -147,20 +156,54 @@ class ODISEPredictor:
             hp, wp = prep.tensor.shape[-2:]
             masks = nn.functional.interpolate(out["pred_masks"].float(), size=(hp, wp), mode="bilinear",
                                               align_corners=False)[..., :h, :w]
-            image01 = prep.tensor[..., :h, :w].to(self.device)
-            clip_logits = model.classify_with_clip(image01, masks, vocab)
+            clip_image, clip_masks = model.maskclip_inputs(prep.tensor, prep.resized_size, out["pred_masks"])
+            clip_embeds = None
+            if keep_clip_embeds:  # the same logits as classify_with_clip, keeping the embeddings
+                clip_embeds = model.clip.mask_embeddings(clip_image, clip_masks)
+                text, syn_to_class = model.text_embeddings(vocab, self.cfg.head.clip_prompt)
+                clip_logits = clip_class_logits(clip_embeds, text, syn_to_class, len(vocab))
+            else:
+                clip_logits = model.classify_with_clip(clip_image, clip_masks, vocab)
             timings["clip_classifier"] = time.perf_counter() - t
 
-        seen = is_base(vocab) | torch.tensor([n in model.trained_classes for n in vocab.names], dtype=torch.bool)
+        seen = vocab.is_base | torch.tensor([n in model.trained_classes for n in vocab.names], dtype=torch.bool)
         probs = geometric_ensemble(out["pred_logits"].float(), clip_logits.float(), seen.to(self.device),
                                    self.cfg.head.alpha, self.cfg.head.beta)[0]
-        mask_logits = masks[0]
+        return _Forward(prep, out, masks[0], clip_embeds, probs, timings)
+
+    @torch.inference_mode()
+    def predict_raw(self, image: Any, vocab: Vocabulary, mode: str = "panoptic") -> RawPrediction:
+        """Segments plus per-query class probabilities and mask logits for one image.
+
+        `image`: anything odise_core.preprocess.load_image reads (path, bytes, PIL image, array).
+        """
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        run = self._forward(image, vocab)
         t = time.perf_counter()
-        segments = segments_for_mode(probs, mask_logits, vocab.is_thing, self.cfg.head, prep.resized_size,
-                                     prep.original_size, mode, self.mask_budget_bytes)
-        timings["postprocess"] = time.perf_counter() - t
-        return RawPrediction(segments=segments, class_probs=probs.cpu(), mask_logits=mask_logits.cpu(),
-                             image_size=prep.original_size, timings=timings)
+        segments = segments_for_mode(run.probs, run.mask_logits, vocab.is_thing, self.cfg.head, run.prep.resized_size,
+                                     run.prep.original_size, mode, self.mask_budget_bytes)
+        run.timings["postprocess"] = time.perf_counter() - t
+        return RawPrediction(segments=segments, class_probs=run.probs.cpu(), mask_logits=run.mask_logits.cpu(),
+                             image_size=run.prep.original_size, timings=run.timings)
+
+    @torch.inference_mode()
+    def query_state(self, image: Any, vocab: Vocabulary) -> QueryState:
+        """One full pass keeping what interactive clicks, boxes and phrases need (odise_core/query_state.py).
+
+        The query mask logits cover the whole image, at most MAX_MASK_SIDE pixels on a side; the
+        mask and MaskCLIP embeddings let phrase_probabilities() score a new phrase without the network.
+        """
+        run = self._forward(image, vocab, keep_clip_embeds=True)
+        binary = run.out["binary_logits"]
+        return QueryState(mask_logits=bounded_mask_logits(run.mask_logits), class_probs=run.probs.float().cpu(),
+                          mask_embed=run.out["mask_embed"][0].float().cpu(), clip_embeds=run.clip_embeds[0].float().cpu(),
+                          logit_scale=float(run.out["logit_scale"]), image_size=run.prep.original_size,
+                          binary_logits=None if binary is None else binary[0].float().cpu())
+
+    def phrase_probabilities(self, state: QueryState, vocab: Vocabulary, phrase: str) -> torch.Tensor:
+        """(Q, K+2) probabilities of `state`'s queries over `vocab` + `phrase` (class K) + no object."""
+        return phrase_probabilities(self.model, state, vocab, phrase)
 
     def predict(self, image: Any, vocab: Vocabulary, mode: str = "panoptic") -> list[Segment]:
         """Panoptic (or instance/semantic) segments of one image at its original size."""

@@ -1,9 +1,11 @@
 """A reference-equivalent ODISE: the same outputs, with the redundant work the reference pipeline does.
 
-Used only to measure what the optimised `ODISE` saves (benchmarks/latency.py; run it through an
-ODISEPredictor). The reference builds CLIP three times (captioner, category-head text, MaskCLIP),
-keeps SD's text encoder and re-encodes "" on every forward, re-encodes the vocabulary on every
-call, runs the whole UNet and the whole VAE decoder, and processes sliding-window crops one at a time.
+Used only as the speed baseline: it measures what the optimised `ODISE` saves (benchmarks/latency.py;
+run it through an ODISEPredictor). Being a subclass of `ODISE`, it shifts with it, so it is no
+numerical oracle: fidelity to the official code is tested against its own outputs (tests/test_golden.py).
+The reference builds CLIP three times (captioner, category-head text, MaskCLIP), keeps SD's text
+encoder and re-encodes "" on every forward, re-encodes the vocabulary on every call, runs the whole
+UNet and the whole VAE decoder, and processes sliding-window crops one at a time.
 """
 from __future__ import annotations
 

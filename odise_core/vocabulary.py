@@ -30,11 +30,16 @@ _STUFF_SUFFIX = re.compile(r"\s*\((stuff|thing)\)\s*$", re.IGNORECASE)
 
 @dataclass(frozen=True)
 class VocabClass:
-    """One class: display name, synonyms used as text prompts (name first), thing or stuff."""
+    """One class: display name, synonyms used as text prompts (name first), thing or stuff, and
+    whether it counts as seen in ODISE's COCO training (base: CLIP weight alpha, novel: beta).
+
+    `is_base=None` decides by the reference's rule, `seen_in_coco_training(synonyms)`; callers with
+    their own rule (the backend's case-insensitive one) pass the flag."""
 
     name: str
     synonyms: tuple[str, ...] = field(default=())
     is_thing: bool = True
+    is_base: bool | None = None
 
     def __post_init__(self) -> None:
         name = self.name.strip()
@@ -43,6 +48,8 @@ class VocabClass:
         syns = tuple(dict.fromkeys(s.strip() for s in (name, *self.synonyms) if s.strip()))
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "synonyms", syns)
+        if self.is_base is None:
+            object.__setattr__(self, "is_base", seen_in_coco_training(syns))
 
 
 class Vocabulary:
@@ -78,6 +85,11 @@ class Vocabulary:
         """(K,) bool: True for things, False for stuff."""
         return torch.tensor([c.is_thing for c in self.classes], dtype=torch.bool)
 
+    @property
+    def is_base(self) -> torch.Tensor:
+        """(K,) bool: True for classes counted as seen in ODISE's COCO training (ensemble weight alpha)."""
+        return torch.tensor([bool(c.is_base) for c in self.classes], dtype=torch.bool)
+
     def synonyms_flat(self) -> tuple[list[str], torch.Tensor]:
         """All synonyms in class order and the (S,) class index of each."""
         texts = [s for c in self.classes for s in c.synonyms]
@@ -85,8 +97,8 @@ class Vocabulary:
         return texts, torch.tensor(owner, dtype=torch.long)
 
     def fingerprint(self) -> str:
-        """Stable hash of names, synonyms and thing flags."""
-        payload = json.dumps([[c.name, list(c.synonyms), c.is_thing] for c in self.classes])
+        """Stable hash of names, synonyms, thing and base flags."""
+        payload = json.dumps([[c.name, list(c.synonyms), c.is_thing, c.is_base] for c in self.classes])
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     @classmethod
@@ -112,11 +124,6 @@ class Vocabulary:
             name, _, syns = item.partition(":")
             classes.append(VocabClass(name, tuple(s for s in syns.split("|")), is_thing))
         return cls(classes)
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> "Vocabulary":
-        """Bundled list format: one class per line, `thing|stuff<TAB>name,synonym,...`; `#` comments."""
-        return cls(_parse_list(Path(path).read_text(encoding="utf-8")))
 
     @classmethod
     def coco_panoptic(cls) -> "Vocabulary":
@@ -149,14 +156,23 @@ def _bundled(name: str) -> tuple[VocabClass, ...]:
 
 
 @lru_cache(maxsize=1)
-def _coco_synonyms() -> frozenset[str]:
-    return frozenset(s.lower() for c in _bundled("coco_panoptic_133.tsv") for s in c.synonyms)
+def _coco_training_labels() -> frozenset[str]:
+    """ODISE's COCO panoptic training labels (prompt-engineered synonyms), as the reference spells them."""
+    lines = (DATA_DIR / "coco_panoptic_133.tsv").read_text(encoding="utf-8").splitlines()
+    rows = [line.partition("\t")[2] for line in lines if line.strip() and not line.startswith("#")]
+    return frozenset(s.strip() for row in rows for s in row.split(",") if s.strip())
 
 
-def is_base(vocab: Vocabulary) -> torch.Tensor:
-    """(K,) bool: True for classes seen in ODISE's COCO training (any synonym among COCO's)."""
-    coco = _coco_synonyms()
-    return torch.tensor([any(s.lower() in coco for s in c.synonyms) for c in vocab], dtype=torch.bool)
+def seen_in_coco_training(synonyms: Sequence[str], case_sensitive: bool = True) -> bool:
+    """Whether any synonym is one of ODISE's COCO training labels.
+
+    The reference compares exact strings ("Person" and "TV" are novel); `case_sensitive=False` ignores
+    case, for label sets that capitalise COCO names."""
+    labels = _coco_training_labels()
+    if case_sensitive:
+        return any(s in labels for s in synonyms)
+    lowered = {label.lower() for label in labels}
+    return any(s.lower() in lowered for s in synonyms)
 
 
 class TextEmbeddingCache:

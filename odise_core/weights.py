@@ -303,6 +303,20 @@ def _empty_prompt_embedding(kind: str, location: str, state: dict[str, torch.Ten
     return embedding
 
 
+def load_empty_prompt(path: str | Path, where: WeightsLocation = DEFAULT_LOCATION) -> torch.Tensor:
+    """SD's (1,77,C) empty-prompt encoding from a file: a tensor, or a dict with key "empty_prompt_embedding".
+
+    For SD checkpoints without a text encoder (e.g. UNet + VAE only)."""
+    source = Path(path).expanduser()
+    if not source.is_file():
+        raise where.missing(f"SD empty-prompt embedding {str(path)!r}", [str(source)], "no such file")
+    raw = _torch_load(source)
+    tensor = raw.get("empty_prompt_embedding") if isinstance(raw, dict) else raw
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() != 3 or tensor.shape[:2] != (1, 77):
+        raise ValueError(f"{source} must hold a (1, 77, C) tensor (alone or as 'empty_prompt_embedding')")
+    return tensor.float()
+
+
 def _load_single_file(cfg: DiffusionConfig, path: Path) -> tuple[nn.Module, nn.Module, dict[str, torch.Tensor]]:
     """Build UNet/VAE on the meta device and assign the converted (memory-mapped) ldm tensors."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -342,13 +356,15 @@ def load_stable_diffusion(
         empty = encode_empty_prompt(load_sd_text_encoder(cfg, where))
     elif kind == "file":
         unet, vae, state = _load_single_file(cfg, Path(location))
-        empty = _empty_prompt_embedding(kind, location, state, where)
+        empty = load_empty_prompt(cfg.empty_prompt, where) if cfg.empty_prompt else _empty_prompt_embedding(
+            kind, location, state, where)
         del state
     else:
         local_only = where.offline or kind == "dir"
         unet = UNet2DConditionModel.from_pretrained(location, subfolder="unet", local_files_only=local_only)
         vae = AutoencoderKL.from_pretrained(location, subfolder="vae", local_files_only=local_only)
-        empty = _empty_prompt_embedding(kind, location, None, where)
+        empty = load_empty_prompt(cfg.empty_prompt, where) if cfg.empty_prompt else _empty_prompt_embedding(
+            kind, location, None, where)
     if any(p.dtype != dtype for p in [*unet.parameters(), *vae.parameters()]):
         unet, vae = unet.to(dtype), vae.to(dtype)
     unet, vae = _freeze(unet), _freeze(vae)
@@ -409,6 +425,10 @@ def load_clip(cfg: ClipConfig, where: WeightsLocation = DEFAULT_LOCATION) -> nn.
             model = _seeded_init(0, lambda: open_clip.CLIP(**cfg.custom))
         else:
             model = _seeded_init(0, lambda: open_clip.create_model(cfg.model_name, pretrained=None))
+    elif kind == "file" and cfg.custom is not None:
+        # an architecture open_clip does not name: build it from the config, load the file's state dict strictly
+        model = open_clip.CLIP(**cfg.custom)
+        open_clip.load_checkpoint(model, location, strict=True)
     elif kind == "file" and location.endswith(".pt") and _is_torchscript(Path(location)):
         model = open_clip.load_openai_model(location, device="cpu", jit=False)
     else:

@@ -8,13 +8,12 @@ import threading
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from backend.cli import build_parser, main
 from backend.ls_format import ResultOptions
 from backend.model import base_model_version, weights_digest
 from backend.settings import BackendSettings, SettingsError, build_model, parse_bool
-from odise_core.tools.synthetic import CLASS_NAMES, make_dataset
+from odise_core.tools.synthetic import CLASS_NAMES
 
 ENV = {"OVERLAP_THRESHOLD": "0.3", "PREDICTION_MODE": "instance"}
 FLAGS = ["--preset", "tiny", "--fast", "--precision", "bf16", "--device", "cpu"]
@@ -120,24 +119,6 @@ def _check_built(calls: list[tuple], weights: Path) -> None:
     assert device == "cpu" and cfg.name == "tiny" and cfg.precision == "bf16"
     assert cfg.backbone.min_size == cfg.backbone.window  # --fast
     assert cfg.head.overlap_threshold == 0.3 and cfg.weights_dir == str(weights)
-
-
-@pytest.fixture(scope="module")
-def coco_dir(tmp_path_factory) -> Path:
-    from odise_core.geometry import coco_rle_encode
-
-    root = tmp_path_factory.mktemp("coco")
-    (root / "images").mkdir()
-    images, anns = [], []
-    for i, s in enumerate(make_dataset(2, seed=5, size=64)):
-        Image.fromarray(s.image).save(root / "images" / f"{i}.png")
-        images.append({"id": i + 1, "file_name": f"images/{i}.png", "height": 64, "width": 64})
-        for m, c in zip(s.masks, s.classes):
-            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": int(c) + 1, "iscrowd": 0,
-                         "segmentation": coco_rle_encode(m), "area": int(m.sum())})
-    cats = [{"id": k + 1, "name": n, "isthing": 1} for k, n in enumerate(CLASS_NAMES)]
-    (root / "result.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
-    return root
 
 
 def test_predict_honours_every_model_setting(built, tiny_model, coco_dir, tmp_path):

@@ -75,6 +75,7 @@ def test_geometric_ensemble_matches_formula():
     mixed = p ** (1 - w) * q ** w
     p_null = odise.softmax(-1)[..., 3:]
     expected = torch.cat([mixed / mixed.sum(-1, keepdim=True) * (1 - p_null), p_null], -1)
+    expected = (expected + 1e-8).log().softmax(-1)  # the reference's final softmax(log(x + 1e-8))
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(out.sum(-1), torch.ones(1, 1))
 
@@ -87,3 +88,31 @@ def test_geometric_ensemble_extremes():
     torch.testing.assert_close(only_odise[..., :5], odise[..., :5].softmax(-1) * p_fg)
     only_clip = geometric_ensemble(odise, clip, torch.zeros(5, dtype=torch.bool), alpha=0.0, beta=1.0)
     torch.testing.assert_close(only_clip[..., :5], clip.softmax(-1) * p_fg)
+
+
+def _official_ensemble(odise: torch.Tensor, clip: torch.Tensor, is_base: torch.Tensor, alpha: float,
+                       beta: float) -> torch.Tensor:
+    """The reference's formula, written out: log of the products, masked by base/novel, then
+    softmax(log(x + 1e-8)) of the K+1 probabilities."""
+    p, q = odise[..., :-1].softmax(-1), clip.softmax(-1)
+    base = is_base.to(p.dtype)
+    log_open = (p ** (1 - alpha) * q ** alpha).log() * base + (p ** (1 - beta) * q ** beta).log() * (1 - base)
+    p_null = odise.softmax(-1)[..., -1:]
+    return (torch.cat([log_open.softmax(-1) * (1 - p_null), p_null], -1) + 1e-8).log().softmax(-1)
+
+
+def test_ensemble_stays_finite_where_the_reference_gives_nan():
+    """Deliberate deviation: a probability that underflows to 0 (logit gap > ~104 in float32) makes the
+    reference's log(0) * 0 = NaN; the log-space mix stays finite and equals the reference in float64."""
+    g = torch.Generator().manual_seed(1)
+    odise, clip = torch.randn(1, 6, 4, generator=g) * 3, torch.randn(1, 6, 3, generator=g) * 3
+    clip[0, 0] = torch.tensor([0.0, 120.0, 5.0])  # CLIP probability of class 0 underflows in float32
+    odise[0, 1] = torch.tensor([-110.0, 5.0, 0.0, 1.0])  # ODISE probability of class 0 underflows
+    is_base = torch.tensor([True, False, True])
+    official = _official_ensemble(odise, clip, is_base, 0.3, 0.7)
+    assert official[0, :2].isnan().any(dim=-1).all() and official[0, 2:].isfinite().all()
+    ours = geometric_ensemble(odise, clip, is_base, 0.3, 0.7)
+    assert ours.isfinite().all()
+    torch.testing.assert_close(ours[0, 2:], official[0, 2:])  # where the reference is finite: the same numbers
+    exact = _official_ensemble(odise.double(), clip.double(), is_base, 0.3, 0.7)
+    torch.testing.assert_close(ours, exact.float(), rtol=1e-5, atol=1e-7)

@@ -8,78 +8,18 @@ from __future__ import annotations
 import base64
 import io
 import threading
-import time
 
 import numpy as np
 import pytest
-import torch
 from label_studio_sdk.label_interface import LabelInterface
 from PIL import Image
 
 from backend.app import create_app
 from backend.interactive import InteractionError, parse_context
-from backend.model import BackendSettings, ODISEBackend
+from backend.model import ODISEBackend
+from backend.settings import BackendSettings
 from odise_core.geometry import mask_iou, polygons_to_mask
-from odise_core.query_state import QueryState
-from odise_core.types import RawPrediction
-
-H, W = 80, 120  # image; the kept masks are at half this size
-CONFIG = """<View><Image name="image" value="$image"/>
-<{out} name="label" toName="image"><Label value="table"/><Label value="cup" predicted_values="mug"/>
-<Label value="plate"/></{out}>
-<KeyPointLabels name="click" toName="image" smartOnly="true"><Label value="table"/><Label value="cup"/>
-<Label value="plate"/><Label value="saucer"/></KeyPointLabels>
-<RectangleLabels name="box" toName="image" smartOnly="true"><Label value="table"/><Label value="cup"/>
-<Label value="plate"/></RectangleLabels>
-<TextArea name="prompt" toName="image"/></View>"""
-
-
-def grid_rect(y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
-    m = torch.zeros(H // 2, W // 2, dtype=torch.bool)
-    m[y0:y1, x0:x1] = True
-    return m
-
-
-# in image pixels: table rows 20-80, cup rows 30-44 x 40-56, plate rows 50-64 x 80-104
-MASKS = [grid_rect(10, 40, 0, 60), grid_rect(15, 22, 20, 28), grid_rect(25, 32, 40, 52)]
-# ODISE thinks the cup query is a plate: a picked label must win over this; the phrase favours query 2
-PROBS = torch.tensor([[0.8, 0.05, 0.05, 0.1], [0.1, 0.2, 0.6, 0.1], [0.05, 0.05, 0.8, 0.1]])
-
-
-def full(mask: torch.Tensor) -> np.ndarray:
-    return np.kron(mask.numpy(), np.ones((2, 2), dtype=bool)).astype(bool)
-
-
-class KnownQueries:
-    """A model whose queries are MASKS with PROBS; counts full passes and phrase scorings."""
-
-    FROZEN_PREFIXES = ()
-
-    def __init__(self, delay: float = 0.0):
-        self.passes = 0
-        self.phrases: list[str] = []
-        self.delay = delay
-        self.cfg = None
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {"w": torch.zeros(1)}
-
-    def query_state(self, image: np.ndarray, vocab) -> QueryState:
-        assert image.shape[:2] == (H, W) and vocab.names == ["table", "cup", "plate"]
-        self.passes += 1
-        time.sleep(self.delay)
-        logits = torch.stack([torch.where(m, 5.0, -5.0) for m in MASKS]).half()
-        return QueryState(mask_logits=logits, class_probs=PROBS.clone(), mask_embed=torch.zeros(3, 4),
-                          clip_embeds=torch.zeros(3, 4), logit_scale=10.0, image_size=(H, W))
-
-    def phrase_probabilities(self, state: QueryState, vocab, phrase: str) -> torch.Tensor:
-        self.phrases.append(phrase)
-        probs = torch.full((3, 5), 0.05)
-        probs[2, 3] = 0.8  # the phrase wins on the plate's query
-        return probs
-
-    def predict_raw(self, image, vocab, mode="panoptic") -> RawPrediction:
-        raise AssertionError("an interactive request must not run the full prediction")
+from tests.known_queries import CONFIG, MASKS, H, W, KnownQueries, full, keypoint, rectangle, text
 
 
 def data_uri(seed: int = 0) -> str:
@@ -95,26 +35,6 @@ def served(tmp_path):
     backend = ODISEBackend(BackendSettings.from_env({}, model_dir=tmp_path), model_factory=lambda s: model)
     backend.start_loading(background=False)
     return backend, create_app(backend, load=False).test_client(), model
-
-
-def keypoint(x_px: float, y_px: float, label: str | None = "cup", positive: bool = True) -> dict:
-    value = {"x": x_px / W * 100, "y": y_px / H * 100, "width": 0.5}
-    if label:
-        value["keypointlabels"] = [label]
-    return {"id": "k1", "from_name": "click", "to_name": "image", "type": "keypointlabels",
-            "original_width": W, "original_height": H, "value": value, "is_positive": positive}
-
-
-def rectangle(x0: float, y0: float, x1: float, y1: float, label: str | None = None) -> dict:
-    value = {"x": x0 / W * 100, "y": y0 / H * 100, "width": (x1 - x0) / W * 100, "height": (y1 - y0) / H * 100,
-             "rotation": 0}
-    if label:
-        value["rectanglelabels"] = [label]
-    return {"id": "r1", "from_name": "box", "to_name": "image", "type": "rectanglelabels", "value": value}
-
-
-def text(phrase: str) -> dict:
-    return {"id": "t1", "from_name": "prompt", "to_name": "image", "type": "textarea", "value": {"text": [phrase]}}
 
 
 def ask(client, results: list[dict], out: str = "PolygonLabels", image: str | None = None, project="7.1") -> dict:
@@ -299,3 +219,14 @@ def test_shipped_interactive_config_predicts_polygons_and_keeps_the_smart_tools_
     tools = {c.name: c for c in interface.controls}
     assert {"click", "box", "prompt"} <= set(tools)
     assert set(tools["click"].labels) == set(tools["label"].labels) == set(tools["box"].labels)
+
+
+def test_a_click_keeps_only_the_parts_of_the_mask_it_fell_on():
+    from backend.interactive_predict import clicked_parts
+
+    mask = np.zeros((10, 20), bool)
+    mask[1:4, 1:5] = True  # part A
+    mask[6:9, 10:18] = True  # part B
+    assert np.array_equal(clicked_parts(mask, [(2, 2)]), mask & (np.arange(10)[:, None] < 5))
+    assert np.array_equal(clicked_parts(mask, [(2, 2), (12, 7)]), mask)
+    assert np.array_equal(clicked_parts(mask, [(19, 0)]), mask)  # on no part: the whole mask

@@ -9,29 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from backend.cli import main
 from backend.learning import ServingModels, VersionStore, evaluate_model, is_better
-from odise_core.geometry import coco_rle_encode
-from odise_core.tools.synthetic import CLASS_NAMES, IS_THING, make_dataset
-
-
-@pytest.fixture(scope="module")
-def coco_dir(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("coco")
-    (root / "images").mkdir()
-    images, anns = [], []
-    for i, s in enumerate(make_dataset(4, seed=3, size=64)):
-        Image.fromarray(s.image).save(root / "images" / f"{i}.png")
-        images.append({"id": i + 1, "file_name": f"images/{i}.png", "height": 64, "width": 64})
-        for m, c in zip(s.masks, s.classes):
-            rle = coco_rle_encode(m)
-            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": int(c) + 1, "iscrowd": 0,
-                         "segmentation": rle, "area": int(m.sum())})
-    cats = [{"id": k + 1, "name": n, "isthing": int(t)} for k, (n, t) in enumerate(zip(CLASS_NAMES, IS_THING))]
-    (root / "result.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
-    return root
+from odise_core.tools.synthetic import CLASS_NAMES
 
 
 ROOT = Path(__file__).resolve().parents[1]

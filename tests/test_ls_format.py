@@ -105,6 +105,16 @@ def test_task_score_is_certainty_mean_over_images() -> None:
     assert task_score([]) == 0.0
 
 
+def test_empty_instance_masks_give_no_regions() -> None:
+    """Instance mode keeps the reference's empty masks (score 0) for mask AP; Label Studio gets no region for them."""
+    target = parse_label_config(CONFIG).targets[0]
+    empty = Segment(mask=np.zeros((H, W), bool), class_index=0, score=0.0, is_thing=True, query_index=3)
+    donut = Segment(mask=_donuts(), class_index=0, score=0.5, is_thing=True, query_index=1)
+    regions = image_regions([empty, donut], target.controls, target.label_of, ResultOptions(score_threshold=0.0))
+    assert len(regions) == 4 and all(r["score"] == 0.5 for r in regions)
+    assert image_regions([empty], target.controls, target.label_of, ResultOptions(score_threshold=0.0)) == []
+
+
 # Encoded by this project's own numpy encoder (written from Label Studio's bit layout) before brush
 # RLE moved to label-studio-sdk's helpers: the SDK must keep producing exactly these bytes.
 SMALL_MASK_RLE = [0, 0, 0, 80, 57, 27, 254, 23, 0, 183, 255, 56, 5, 191, 248, 192, 35, 255, 190, 0]

@@ -91,6 +91,16 @@ def test_instance_top_k_things_only_with_mask_score():
     assert len(instance_inference(probs, masks, IS_THING, max_instances=3, things_only=False)) == 3
 
 
+def test_instance_keeps_empty_masks_with_score_zero_as_the_reference():
+    masks = torch.stack([_mask(4, 4, slice(0, 2)), torch.full((4, 4), -BIG), _mask(4, 4, cols=slice(0, 1))])
+    probs = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.05, 0.05, 0.8, 0.1], [0.5, 0.2, 0.2, 0.1]])
+    inst = instance_inference(probs, masks, IS_THING, max_instances=3)
+    assert [(s.query_index, s.class_index) for s in inst] == [(0, 0), (2, 0), (1, 2)]
+    assert inst[-1].score == 0.0 and inst[-1].area == 0 and inst[1].score > 0
+    dropped = instance_inference(probs, masks, IS_THING, max_instances=3, keep_empty=False)
+    assert [(s.query_index, s.class_index) for s in dropped] == [(0, 0), (2, 0)]
+
+
 def test_semantic_inference_weights_masks_by_class_prob():
     masks = torch.stack([_mask(2, 2, slice(0, 1)), _mask(2, 2, slice(1, 2))])
     probs = torch.tensor([[0.8, 0.1, 0.0, 0.1], [0.0, 0.9, 0.0, 0.1]])

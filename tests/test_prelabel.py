@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -22,7 +26,9 @@ XML = make_label_config(Vocabulary.from_text("person,cat,cup,sky"), kind="polygo
 
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory) -> ODISEBackend:
-    b = ODISEBackend(BackendSettings(preset="tiny", device="cpu", model_dir=tmp_path_factory.mktemp("models")))
+    # overlap 0.0 (the reference demo's value): the random tiny model then yields regions on every photo
+    b = ODISEBackend(BackendSettings(preset="tiny", device="cpu", overlap_threshold=0.0,
+                                     model_dir=tmp_path_factory.mktemp("models")))
     b.start_loading(background=False)
     assert b.error is None
     return b
@@ -58,11 +64,20 @@ def test_folder_mode_writes_a_valid_import_json_and_lists_failures(backend, firs
     sizes = {f"/data/local-files/?d=photos/{n}.jpg": Image.open(folder / f"{n}.jpg").size for n in PHOTOS}
     assert sorted(t["data"]["image"] for t in tasks) == sorted(sizes)
     interface = LabelInterface(XML)
+    config = backend.parse_config(XML)
+    version, model = backend.model_for(None)
     for task in tasks:
         assert len(task["predictions"]) == 1
         pred = task["predictions"][0]
         assert pred["model_version"] == summary.model_version
         assert interface.validate_prediction(pred, return_errors=True) == []
+        assert len(pred["result"]) >= 1, "every photo gets regions"
+        # the same regions the server answers for the same image (region ids are random)
+        name = task["data"]["image"].rsplit("/", 1)[-1]
+        direct = backend.predict_task({"data": {"image": str(folder / name)}}, config, model, version)
+        strip = [{k: v for k, v in r.items() if k != "id"} for r in pred["result"]]
+        assert strip == [{k: v for k, v in r.items() if k != "id"} for r in direct["result"]]
+        assert pred["score"] == direct["score"]
         w, h = sizes[task["data"]["image"]]
         for region in pred["result"]:
             assert (region["from_name"], region["to_name"], region["type"]) == ("label", "image", "polygonlabels")
@@ -122,9 +137,69 @@ def test_fetching_overlaps_compute_and_failures_do_not_stop_the_run():
         computed.append(value)
 
     t0 = time.perf_counter()
-    done, failures, seconds = run_overlapped(list(range(6)), fetch, compute, name=str, workers=2, prefetch=3,
-                                             progress=False)
-    assert done == 4 and computed == [0, 10, 30, 50]
-    assert [(f.item, f.error) for f in failures] == [("2", "OSError: unreachable"),
-                                                     ("4", "RuntimeError: out of memory")]
-    assert 0 < seconds <= time.perf_counter() - t0
+    run = run_overlapped(list(range(6)), fetch, compute, name=str, workers=2, prefetch=3, progress=False)
+    assert run.done == 4 and computed == [0, 10, 30, 50] and not run.interrupted
+    assert [(f.item, f.error) for f in run.failures] == [("2", "OSError: unreachable"),
+                                                         ("4", "RuntimeError: out of memory")]
+    assert 0 < run.seconds <= time.perf_counter() - t0
+
+
+def test_ctrl_c_abandons_the_item_in_flight_and_cancels_the_read_ahead():
+    fetched = []
+
+    def fetch(i: int) -> int:
+        fetched.append(i)
+        return i
+
+    def compute(i: int, value: int) -> None:
+        if i == 2:
+            raise KeyboardInterrupt
+
+    run = run_overlapped(list(range(50)), fetch, compute, name=str, workers=1, prefetch=2, progress=False)
+    assert run.interrupted and run.done == 2 and run.failures == []
+    assert max(fetched) <= 4, "read-ahead stops at the interruption"
+
+
+def test_a_journal_line_cut_short_is_dropped_and_the_rest_kept(tmp_path):
+    journal = tmp_path / "t.json.partial.jsonl"
+    good = json.dumps({"url": "/a.jpg", "prediction": {"model_version": "v", "result": []}})
+    journal.write_text(good + "\n" + good.replace("/a.jpg", "/b.jpg")[:25])
+    out = ImportFile(tmp_path / "t.json", "image")
+    assert out.done("/a.jpg", "v") and not out.done("/b.jpg", "v")
+    assert journal.read_text() == good + "\n"
+    journal.write_text("{oops\n" + good + "\n")
+    with pytest.raises(ValueError, match="line 1 is not JSON"):
+        ImportFile(tmp_path / "t.json", "image")
+
+
+def test_sigint_stops_the_cli_cleanly_with_a_summary_and_exit_130(tmp_path):
+    folder = tmp_path / "files" / "many"
+    folder.mkdir(parents=True)
+    for i in range(40):
+        Image.fromarray(skdata.astronaut()[i * 5:i * 5 + 256, :256]).save(folder / f"{i:02d}.png")
+    out = tmp_path / "tasks.json"
+    journal = tmp_path / "tasks.json.partial.jsonl"
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "backend.cli", "prelabel", "--folder", str(folder), "--labels", "person,sky",
+               "--out", str(out), "--preset", "tiny", "--device", "cpu", "--no-progress",
+               "--model-dir", str(tmp_path / "models")]
+    env = {**os.environ, "PYTHONPATH": str(root), "OVERLAP_THRESHOLD": "0.0"}
+    proc = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if journal.exists() and journal.read_text().count("\n") >= 2:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    done = [json.loads(line) for line in journal.read_text().splitlines()]
+    assert 2 <= len(done) < 40 and not out.exists()
+    assert f"40 item(s), {len(done)} predicted, 0 already done, 0 failed" in stdout
+    assert f"interrupted: {40 - len(done)} item(s) not done. The {len(done)} image(s) done are kept in {journal}." \
+        in stdout and "Run the same command again to resume" in stdout

@@ -6,7 +6,7 @@ import torch
 
 from odise_core.config import get_config
 from odise_core.modeling.clip import ClipModel
-from odise_core.vocabulary import TextEmbeddingCache, VocabClass, Vocabulary, is_base
+from odise_core.vocabulary import TextEmbeddingCache, VocabClass, Vocabulary, seen_in_coco_training
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +57,24 @@ def test_bundled_coco_and_ade():
     assert ade.names[0] == "wall" and not ade.is_thing[0] and ade.is_thing[12]  # wall stuff, person thing
 
 
-def test_is_base_uses_any_coco_synonym():
-    vocab = Vocabulary.from_text("Dog, platypus, kitten:kitty, sky (stuff)")
-    assert is_base(vocab).tolist() == [True, False, True, True]
-    assert is_base(Vocabulary.coco_panoptic()).all()
-    assert 0 < int(is_base(Vocabulary.ade20k_150()).sum()) < 150
+def test_is_base_uses_any_coco_synonym_with_exact_strings_as_the_reference():
+    vocab = Vocabulary.from_text("dog, platypus, kitten:kitty, sky (stuff), Person, TV, Dining Table, Cup:cup")
+    # exact, case-sensitive equality with a COCO training label, on any synonym
+    assert vocab.is_base.tolist() == [True, False, True, True, False, False, False, True]
+    assert Vocabulary.coco_panoptic().is_base.all()
+    assert 0 < int(Vocabulary.ade20k_150().is_base.sum()) < 150
+
+
+def test_base_flag_is_fixed_where_the_vocabulary_is_built():
+    assert VocabClass("Person").is_base is False
+    assert VocabClass("Person", is_base=True).is_base is True  # a builder with its own rule
+    assert VocabClass("person", is_base=False).is_base is False
+    assert seen_in_coco_training(["Person", "Dining Table"], case_sensitive=False)
+    assert not seen_in_coco_training(["Person", "Dining Table"])
+    assert not seen_in_coco_training(["platypus"], case_sensitive=False)
+    flags = Vocabulary([VocabClass("Person", is_base=True), VocabClass("person", is_base=False)])
+    assert flags.is_base.tolist() == [True, False]
+    assert Vocabulary([VocabClass("cat", is_base=True)]).fingerprint() != Vocabulary([VocabClass("cat", is_base=False)]).fingerprint()
 
 
 def test_text_cache_hits_in_memory_and_on_disk(clip, tmp_path):

@@ -166,16 +166,22 @@ def _ldm_vae_key(key: str) -> str:
     return key
 
 
-def test_single_file_ldm_checkpoint(tmp_path, where):
-    cfg = get_config("tiny").diffusion
-    unet, vae, _ = load_stable_diffusion(cfg, where=where)
-    encoder = _tiny_text_encoder(cfg.context_dim)
+def _ldm_state(cfg, unet: nn.Module, vae: nn.Module) -> dict[str, torch.Tensor]:
+    """UNet and VAE weights in the CompVis ldm single-file layout."""
     has_attention = [t.startswith("CrossAttn") for t in cfg.unet["up_block_types"]]
     state = {"model.diffusion_model." + _ldm_unet_key(k, has_attention): v for k, v in unet.state_dict().items()}
     for k, v in vae.state_dict().items():
         if ".attn_1." in _ldm_vae_key(k) and v.ndim == 2:
             v = v[:, :, None, None]  # ldm's VAE attention uses 1x1 convs
         state["first_stage_model." + _ldm_vae_key(k)] = v
+    return state
+
+
+def test_single_file_ldm_checkpoint(tmp_path, where):
+    cfg = get_config("tiny").diffusion
+    unet, vae, _ = load_stable_diffusion(cfg, where=where)
+    encoder = _tiny_text_encoder(cfg.context_dim)
+    state = _ldm_state(cfg, unet, vae)
     text = {k.removeprefix("text_model."): v for k, v in encoder.state_dict().items()}  # SD ckpts: text_model.*
     state.update({"cond_stage_model.transformer.text_model." + k: v for k, v in text.items()})
     ckpt = tmp_path / "sd-v1-3.ckpt"
@@ -192,6 +198,53 @@ def test_single_file_ldm_checkpoint(tmp_path, where):
     with torch.no_grad():
         torch.testing.assert_close(vae2.encode(x).latent_dist.mean, vae.encode(x).latent_dist.mean)
         torch.testing.assert_close(unet2(latent, 0, empty).sample, unet(latent, 0, empty).sample)
+
+
+def test_single_file_without_text_encoder_takes_the_empty_prompt_from_a_file(tmp_path, where):
+    """UNet + VAE only (float16 safetensors) and SD's empty-prompt encoding given as a file."""
+    from safetensors.torch import save_file
+
+    cfg = get_config("tiny").diffusion
+    unet, vae, _ = load_stable_diffusion(cfg, where=where)
+    path = tmp_path / "sd_ldm.safetensors"
+    save_file({k: v.half().contiguous() for k, v in _ldm_state(cfg, unet, vae).items()}, str(path))
+    cfg.pretrained = str(path)
+    with pytest.raises(WeightsMissingError, match="no text encoder"):
+        load_stable_diffusion(cfg, where=where)
+    empty = torch.randn(1, 77, cfg.context_dim)
+    save_file({"empty_prompt_embedding": empty, "shared_noise": torch.randn(1, 4, 8, 8)}, str(tmp_path / "c.safetensors"))
+    cfg.empty_prompt = str(tmp_path / "c.safetensors")
+    unet2, vae2, empty2 = load_stable_diffusion(cfg, where=where)
+    torch.testing.assert_close(empty2, empty, rtol=0, atol=0)
+    assert all(p.dtype == torch.float32 for p in unet2.parameters())
+    for name, p in unet.named_parameters():
+        torch.testing.assert_close(unet2.get_parameter(name), p.half().float(), rtol=0, atol=0)
+    torch.save(torch.zeros(1, 76, cfg.context_dim), tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=r"\(1, 77, C\)"):
+        weights.load_empty_prompt(tmp_path / "bad.pt")
+    with pytest.raises(WeightsMissingError, match="empty-prompt"):
+        weights.load_empty_prompt(tmp_path / "absent.safetensors")
+
+
+def test_custom_clip_architecture_from_a_safetensors_file(tmp_path, where):
+    """An open_clip config open_clip does not name (cfg.clip.custom) with weights from a local file."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    cfg = get_config("tiny").clip
+    source = open_clip.CLIP(**cfg.custom)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.randn_like(p))
+    save_file({k: v.contiguous().clone() for k, v in source.state_dict().items()}, str(tmp_path / "clip.safetensors"))
+    cfg.pretrained = str(tmp_path / "clip.safetensors")
+    loaded = weights.load_clip(cfg, where)
+    for name, p in source.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], p, rtol=0, atol=0)
+    save_file({"visual.proj": torch.zeros(3, 3)}, str(tmp_path / "wrong.safetensors"))
+    cfg.pretrained = str(tmp_path / "wrong.safetensors")
+    with pytest.raises(RuntimeError):
+        weights.load_clip(cfg, where)
 
 
 def test_single_file_in_weights_dir_is_found_for_a_hub_id(where):

@@ -21,20 +21,17 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from backend.settings import env_bool
+
 START_TRAINING = "START_TRAINING"
 ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
-
-
-def _env_bool(name: str, default: bool) -> bool:
-    value = os.environ.get(name)
-    return default if value is None else value.strip().lower() in ("1", "true", "yes", "on")
 
 
 @dataclass
 class TrainPolicy:
     """When webhooks start training; defaults from env vars (see the module docstring)."""
 
-    on_annotation: bool = field(default_factory=lambda: _env_bool("ODISE_TRAIN_ON_ANNOTATION", True))
+    on_annotation: bool = field(default_factory=lambda: env_bool(os.environ, "ODISE_TRAIN_ON_ANNOTATION", True))
     min_annotations: int = field(default_factory=lambda: int(os.environ.get("ODISE_TRAIN_MIN_ANNOTATIONS", "8")))
     debounce_seconds: float = field(default_factory=lambda: float(os.environ.get("ODISE_TRAIN_DEBOUNCE", "30")))
     holdout_fraction: float = field(default_factory=lambda: float(os.environ.get("ODISE_HOLDOUT_FRACTION", "0.2")))

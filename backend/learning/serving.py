@@ -8,7 +8,6 @@ Serving-time settings (precision, fast window, thresholds, weight sources) may d
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import threading
 from typing import Any, Callable
@@ -20,8 +19,8 @@ log = logging.getLogger(__name__)
 
 SHARED_SUBMODULES = ("backbone", "clip", "text_cache")
 # Configuration fields that change how a model is run, not the weights it has.
-SERVING_FIELDS = ("name", "precision", "seed", "checkpoint", "diffusion.pretrained", "clip.pretrained",
-                  "backbone.min_size", "backbone.max_size", "head.object_mask_threshold",
+SERVING_FIELDS = ("name", "precision", "seed", "checkpoint", "weights_dir", "offline", "diffusion.pretrained",
+                  "clip.pretrained", "backbone.min_size", "backbone.max_size", "head.object_mask_threshold",
                   "head.overlap_threshold", "head.mask_threshold", "head.max_instances")
 
 
@@ -54,17 +53,8 @@ def copy_sharing_frozen(model: Any) -> Any:
 
 
 def model_config(model: Any) -> dict[str, Any]:
-    """The full configuration `model` was built from, as a JSON-ready dict."""
-    cfg = model.cfg
-    return cfg.to_dict() if hasattr(cfg, "to_dict") else _plain(dataclasses.asdict(cfg))
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+    """The full configuration `model` was built from, as a JSON-ready dict (ModelConfig.to_dict)."""
+    return model.cfg.to_dict()
 
 
 def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -81,7 +71,7 @@ def architecture_differences(trained: dict[str, Any], serving: dict[str, Any]) -
     """Configuration fields (outside SERVING_FIELDS) whose values differ, as "field: trained vs serving"."""
     a, b = _flatten(trained), _flatten(serving)
     return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b))
-            if k not in SERVING_FIELDS and _plain(a.get(k)) != _plain(b.get(k))]
+            if k not in SERVING_FIELDS and a.get(k) != b.get(k)]
 
 
 def load_version(model: Any, store: VersionStore, project: str | int, version: str) -> None:
@@ -89,8 +79,9 @@ def load_version(model: Any, store: VersionStore, project: str | int, version: s
 
     Raises VersionIncompatible when the version was trained under another architecture.
     """
-    trained = store.config(project, version)
-    if trained is not None:
+    stored = store.config(project, version)
+    if stored is not None:
+        trained = type(model.cfg).from_dict(stored).to_dict()  # rebuilt exactly, defaults for newer fields
         serving = model_config(model)
         differences = architecture_differences(trained, serving)
         if differences:

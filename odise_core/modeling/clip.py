@@ -74,6 +74,12 @@ class ClipModel(nn.Module):
         x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
         return visual.ln_pre(x)
 
+    def patch_keep(self, mask_logits: torch.Tensor) -> torch.Tensor:
+        """(B,Q,P) bool: the patches mask token q attends to, max-pooled sigmoid(mask) >= 0.5 over each
+        patch of mask logits (B,Q,S,S) at the CLIP input size."""
+        patch = self.model.visual.conv1.kernel_size
+        return (F.max_pool2d(mask_logits.sigmoid(), kernel_size=patch, stride=patch) >= 0.5).flatten(2)
+
     def mask_attention(self, mask_logits: torch.Tensor, num_heads: int) -> torch.Tensor:
         """Additive attention mask (B*heads, L, L), L = Q + 1 + P, for MaskCLIP.
 
@@ -81,9 +87,7 @@ class ClipModel(nn.Module):
         patches whose max-pooled sigmoid(mask) is >= 0.5 (only the class token when its mask is empty).
         """
         b, q = mask_logits.shape[:2]
-        patch = self.model.visual.conv1.kernel_size
-        pooled = F.max_pool2d(mask_logits.sigmoid(), kernel_size=patch, stride=patch)
-        blocked = (pooled < 0.5).flatten(2)  # (B, Q, P)
+        blocked = ~self.patch_keep(mask_logits)  # (B, Q, P)
         length = q + 1 + blocked.shape[-1]
         mask = torch.zeros(b, length, length, dtype=torch.bool, device=mask_logits.device)
         mask[:, :, :q] = True

@@ -12,6 +12,8 @@ from torch import nn
 
 from odise_core.config import HeadConfig
 
+PROB_EPS = 1e-8  # the reference's floor before its final log/softmax
+
 
 def max_over_synonyms(logits: torch.Tensor, syn_to_class: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Reduce (..., S) synonym logits to (..., K) class logits by taking each class's best synonym."""
@@ -63,17 +65,29 @@ def clip_class_logits(mask_clip_embeds: torch.Tensor, text_embeds: torch.Tensor,
     return max_over_synonyms(scale * sims, syn_to_class, num_classes)
 
 
-def geometric_ensemble(odise_logits: torch.Tensor, clip_logits: torch.Tensor, is_base: torch.Tensor,
-                       alpha: float, beta: float) -> torch.Tensor:
-    """Class probabilities (B,Q,K+1) mixing ODISE and CLIP per ODISE's geometric ensemble.
+def geometric_mix(odise_logits: torch.Tensor, clip_logits: torch.Tensor, is_base: torch.Tensor,
+                  alpha: float, beta: float) -> torch.Tensor:
+    """log(p^(1-w) q^w) (B,Q,K) before normalisation: p = softmax(ODISE logits over K), q = softmax(CLIP
+    logits), w = alpha for base classes and beta for novel ones.
 
-    p = softmax(ODISE logits over K), q = softmax(CLIP logits); base classes get p^(1-alpha) q^alpha,
-    novel ones p^(1-beta) q^beta; renormalised over K and scaled by 1 - p(no object).
+    Computed in log space, so it stays finite where a probability underflows to 0; the reference
+    takes log(p^(1-w) q^w) and multiplies it by a 0/1 base mask, which gives -inf * 0 = NaN there.
     """
-    p_null = odise_logits.softmax(-1)[..., -1:]
     log_p = odise_logits[..., :-1].log_softmax(-1)
     log_q = clip_logits.log_softmax(-1)
     base = is_base.to(device=log_p.device, dtype=log_p.dtype)
     w = base * alpha + (1 - base) * beta
-    mixed = ((1 - w) * log_p + w * log_q).softmax(-1)
-    return torch.cat([mixed * (1 - p_null), p_null], dim=-1)
+    return (1 - w) * log_p + w * log_q
+
+
+def geometric_ensemble(odise_logits: torch.Tensor, clip_logits: torch.Tensor, is_base: torch.Tensor,
+                       alpha: float, beta: float) -> torch.Tensor:
+    """Class probabilities (B,Q,K+1) mixing ODISE and CLIP per ODISE's geometric ensemble.
+
+    The mix of `geometric_mix` renormalised over K and scaled by 1 - p(no object); then, as the
+    reference, softmax(log(x + 1e-8)) of the K+1 values: every probability stays above 0.
+    """
+    p_null = odise_logits.softmax(-1)[..., -1:]
+    mixed = geometric_mix(odise_logits, clip_logits, is_base, alpha, beta).softmax(-1)
+    probs = torch.cat([mixed * (1 - p_null), p_null], dim=-1) + PROB_EPS
+    return probs / probs.sum(-1, keepdim=True)

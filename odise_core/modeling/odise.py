@@ -123,6 +123,8 @@ class ODISE(nn.Module):
         result = {
             "pred_masks": out["pred_masks"],
             "mask_embed": out["mask_embed"],
+            "logit_scale": out["logit_scale"],
+            "binary_logits": out.get("pred_logits"),  # the caption model's fg/bg logits, else None
             "pred_logits": self.category_head(out["mask_embed"], text, syn_to_class, k, logit_scale=out["logit_scale"],
                                               binary_logits=out.get("pred_logits")),
             "aux_outputs": [
@@ -135,8 +137,23 @@ class ODISE(nn.Module):
         }
         return result
 
+    def maskclip_inputs(self, padded01: torch.Tensor, resized_size: tuple[int, int], pred_masks: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image, mask logits) MaskCLIP classifies: the unpadded image and, per `cfg.head.maskclip_input`,
+        the decoder's raw masks (B,Q,Hp/4,Wp/4) ("reference") or masks cropped to the image ("aligned")."""
+        h, w = resized_size
+        image01 = padded01[..., :h, :w].to(self.device)
+        kind = self.cfg.head.maskclip_input
+        if kind == "reference":
+            return image01, pred_masks.float()
+        if kind == "aligned":
+            canvas = nn.functional.interpolate(pred_masks.float(), size=tuple(padded01.shape[-2:]), mode="bilinear",
+                                               align_corners=False)
+            return image01, canvas[..., :h, :w]
+        raise ValueError(f"head.maskclip_input must be 'reference' or 'aligned', got {kind!r}")
+
     def classify_with_clip(self, image01: torch.Tensor, mask_logits: torch.Tensor, vocab: Vocabulary) -> torch.Tensor:
-        """MaskCLIP logits (B,Q,K) of the unpadded image with masks cropped to the same region."""
+        """MaskCLIP logits (B,Q,K) of an image and mask logits (as `maskclip_inputs` gives them)."""
         text, syn_to_class = self.text_embeddings(vocab, self.cfg.head.clip_prompt)
         embeds = self.clip.mask_embeddings(image01, mask_logits)
         return clip_class_logits(embeds, text, syn_to_class, len(vocab))

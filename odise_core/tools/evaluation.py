@@ -18,6 +18,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from odise_core.geometry import coco_rle_decode, coco_rle_encode, mask_bbox
 from odise_core.types import Segment
 
 log = logging.getLogger(__name__)
@@ -163,27 +164,20 @@ class Evaluator:
         self._confusion += np.bincount(idx, minlength=k * (k + 1)).reshape(k, k + 1)
 
     def _add_coco(self, inst: list[Segment], gt_things: list[Segment], shape: tuple[int, ...]) -> None:
-        from pycocotools import mask as mask_utils
-
         image_id = self.num_images
         self._coco_images.append({"id": image_id, "height": int(shape[0]), "width": int(shape[1])})
-
-        def rle(m: np.ndarray) -> dict:
-            r = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
-            r["counts"] = r["counts"].decode("ascii")
-            return r
 
         for g in gt_things:
             self._coco_gt.append({
                 "id": len(self._coco_gt) + 1, "image_id": image_id, "category_id": g.class_index + 1,
-                "segmentation": rle(g.mask), "area": float(g.area), "iscrowd": 0,
-                "bbox": [float(v) for v in mask_utils.toBbox(rle(g.mask))],
+                "segmentation": coco_rle_encode(g.mask), "area": float(g.area), "iscrowd": 0,
+                "bbox": [float(v) for v in mask_bbox(g.mask)],
             })
         for s in inst:
             if not self.is_thing[s.class_index] or not s.mask.any():
                 continue
             self._coco_dt.append({"image_id": image_id, "category_id": s.class_index + 1,
-                                  "segmentation": rle(s.mask), "score": float(s.score)})
+                                  "segmentation": coco_rle_encode(s.mask), "score": float(s.score)})
 
     def _mask_ap(self) -> tuple[float, float]:
         if not self._coco_gt:
@@ -286,15 +280,12 @@ def load_coco_folder(folder: str | Path, annotations: str | Path | None = None) 
             if ann.get("iscrowd", 0):
                 continue
             seg = ann["segmentation"]
-            if isinstance(seg, list):
+            if isinstance(seg, list):  # polygons
                 if not seg:
                     continue
-                rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
-            elif isinstance(seg.get("counts"), list):
-                rle = mask_utils.frPyObjects(seg, h, w)
+                m = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(seg, h, w))).astype(bool)
             else:
-                rle = seg
-            m = mask_utils.decode(rle).astype(bool)
+                m = coco_rle_decode(seg)
             if m.any():
                 ci = cat_index[ann["category_id"]]
                 segs.append(Segment(m, ci, 1.0, is_thing[ci]))

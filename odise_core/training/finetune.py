@@ -10,7 +10,7 @@ import hashlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
 import numpy as np
@@ -74,13 +74,14 @@ class FinetuneOptions:
 
 @dataclass
 class FinetuneResult:
+    """What a fine-tune did: the loss per step, how far it got and where the time went."""
+
     losses: list[float]  # weighted total loss per step
     steps: int  # steps completed
     stopped: bool  # True when should_stop() ended the run early
     seconds_features: float  # backbone time (feature caching)
     seconds_train: float  # head forward/backward/optimizer time
     num_images: int
-    loss_parts: list[dict[str, float]] = field(default_factory=list)  # final-layer ce/mask/dice per step
 
     @property
     def seconds_per_step(self) -> float:
@@ -256,7 +257,6 @@ def finetune(model: "ODISE", samples: list[TrainSample], options: FinetuneOption
         return cache[key], rendered[(i, v)]
 
     losses: list[float] = []
-    parts: list[dict[str, float]] = []
     seconds_train = 0.0
     stopped = False
     total = options.steps
@@ -285,7 +285,6 @@ def finetune(model: "ODISE", samples: list[TrainSample], options: FinetuneOption
             optimizer.step()
             seconds_train += time.perf_counter() - t0
             losses.append(float(loss.detach()))
-            parts.append({k: float(loss_dict[k].detach()) for k in ("loss_ce", "loss_mask", "loss_dice")})
             if progress is not None:
                 progress(step + 1, total, losses[-1])
             if (step + 1) % 10 == 0 or step + 1 == total:
@@ -295,4 +294,4 @@ def finetune(model: "ODISE", samples: list[TrainSample], options: FinetuneOption
             p.requires_grad_(flag)
         model.eval()
     return FinetuneResult(losses=losses, steps=len(losses), stopped=stopped, seconds_features=seconds_features,
-                          seconds_train=seconds_train, num_images=len(samples), loss_parts=parts)
+                          seconds_train=seconds_train, num_images=len(samples))

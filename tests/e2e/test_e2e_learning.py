@@ -1,5 +1,6 @@
 """The learning loop through a real Label Studio: annotate -> webhook -> train -> new model_version ->
-better predictions on the held-out tasks.
+better predictions on the held-out tasks; and one fine-tune per round when Start Training races the
+annotation webhooks, judged against the version serving at judgement time.
 
 Tasks are generated scenes (odise_core.tools.synthetic) whose ground truth is known, annotated through the
 Label Studio API with polygons; each annotation fires Label Studio's ANNOTATION_CREATED webhook at
@@ -19,8 +20,8 @@ import requests
 from PIL import Image
 
 from backend.label_config import make_label_config
-from backend.learning import is_better
-from backend.training_data import split_samples
+from backend.learning import JobManager, is_better
+from backend.training_data import holdout_key, split_samples
 from odise_core.geometry import PolygonOptions, mask_to_polygons, polygons_to_mask
 from odise_core.tools.evaluation import evaluate
 from odise_core.tools.synthetic import CLASS_NAMES, IS_THING, make_dataset
@@ -129,7 +130,7 @@ def test_annotations_train_a_better_model_through_label_studio(label_studio: Any
                  json={"result": [], "was_cancelled": True, "lead_time": 1.0}, timeout=60)
     assert r.status_code == 201, r.text
 
-    # the webhooks (one per annotation) are debounced; a later event cancels a job started earlier
+    # the webhooks (one per annotation) are debounced into one job
     seen_progress = False
     deadline = time.time() + TRAIN_TIMEOUT
     while time.time() < deadline:
@@ -173,3 +174,114 @@ def test_annotations_train_a_better_model_through_label_studio(label_studio: Any
     assert is_better(fig_after, fig_before)  # the backend's promotion rule, on what Label Studio stored
     # a backend restart (new JobManager on the same MODEL_DIR) serves the same version
     assert type(jobs)(jobs.store.root).current_version(str(pid)) == job.version
+
+
+def _train_settings(jobs: JobManager, monkeypatch: pytest.MonkeyPatch, min_annotations: int, debounce: float) -> None:
+    monkeypatch.setattr(jobs.policy, "min_annotations", min_annotations)
+    monkeypatch.setattr(jobs.policy, "debounce_seconds", debounce)
+    monkeypatch.setattr(jobs.policy, "holdout_fraction", 0.25)
+    monkeypatch.setenv("ODISE_TRAIN_STEPS", "120")
+    monkeypatch.setenv("ODISE_TRAIN_LR", "1e-3")
+    monkeypatch.setenv("ODISE_TRAIN_VIEWS", "1")
+    monkeypatch.setenv("ODISE_TRAIN_POINTS", "3136")
+
+
+def _wait_state(job: Any, states: tuple[str, ...], timeout: float) -> None:
+    deadline = time.time() + timeout
+    while job.state not in states and time.time() < deadline:
+        time.sleep(0.2)
+    assert job.state in states, job.as_dict()
+
+
+def test_start_training_racing_the_webhooks_gives_one_fine_tune_per_round(label_studio: Any, backend_server: Any,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Round 1: ten annotations (ten webhooks), Start Training at once and again while it trains: one
+    fine-tune, the second press answered by a job that finds no new data, every job id answerable.
+    Round 2: new annotations train a second version, judged against the version serving by then
+    on the same held-out tasks."""
+    backend = backend_server.backend
+    jobs = backend.jobs
+    debounce = 5.0
+    _train_settings(jobs, monkeypatch, min_annotations=3, debounce=debounce)
+    api, url = label_studio.api(), label_studio.url
+    r = api.post(f"{url}/api/projects", json={"title": "odise e2e one job per round",
+                                              "label_config": make_label_config(VOCAB, kind="polygon")}, timeout=30)
+    assert r.status_code == 201, r.text
+    pid = r.json()["id"]
+    scenes = make_dataset(16, seed=23, size=SIZE)
+    files = [(f"file{i}", (f"scene{i:02d}.png", _png(s.image), "image/png")) for i, s in enumerate(scenes)]
+    r = api.post(f"{url}/api/projects/{pid}/import", files=files, timeout=120)
+    assert r.status_code == 201, r.text
+    tasks = api.get(f"{url}/api/tasks", params={"project": pid, "page_size": 100}, timeout=30).json()["tasks"]
+    scene_of = {t["id"]: scenes[int(t["data"]["image"].rsplit("scene", 1)[1][:2])] for t in tasks}
+    ordered = sorted(scene_of)
+    round1 = ordered[:10]
+    # round 2 adds training tasks only, so both rounds are judged on the same held-out tasks
+    round2 = [t for t in ordered[10:] if holdout_key(t) >= 0.25][:3]
+    assert len(round2) == 3 and split_samples([(t, None) for t in round1], 0.25).holdout_task_ids
+    r = api.post(f"{url}/api/ml", json={"url": backend_server.url, "project": pid, "title": "ODISE tiny"}, timeout=60)
+    assert r.status_code == 201, r.text
+    ml_id = r.json()["id"]
+
+    def annotate(task_ids: list[int]) -> None:
+        for tid in task_ids:
+            s = scene_of[tid]
+            r = api.post(f"{url}/api/tasks/{tid}/annotations", json={
+                "result": _polygon_results(s.masks, s.classes), "was_cancelled": False, "lead_time": 1.0}, timeout=60)
+            assert r.status_code == 201, r.text
+
+    def start_training() -> None:
+        r = api.post(f"{url}/api/ml/{ml_id}/train", json={}, timeout=120)
+        assert r.status_code == 200, r.text
+
+    key = str(pid)
+    annotate(round1)
+    assert jobs.status(key)["scheduled"], "the annotation webhooks did not reach the backend"
+    start_training()
+    first = jobs.job(key)
+    assert first is not None and first.reason == "START_TRAINING"
+    assert not jobs.status(key)["scheduled"], "the job reads those annotations: their debounce must be dropped"
+    _wait_state(first, ("training",), 300)
+    start_training()  # pressed again while the round trains
+    second = jobs.job(key)
+    assert second is not first and jobs.status(key)["followup"] == second.id
+    assert first.wait(TRAIN_TIMEOUT) and second.wait(60)
+    log.info("round 1: %s / %s", first.as_dict(), second.as_dict())
+    assert first.state == "done" and first.version == "v0001", first.as_dict()
+    assert first.promoted, f"round 1 fine-tune was not better than the base model: {first.message}"
+    assert second.state == "skipped" and second.same_data_as == first.id and second.version is None
+    time.sleep(debounce + 2)  # a stray debounced webhook job would start within this time
+    assert jobs.job(key) is second and jobs.store.versions(key) == ["v0001"]
+    meta1 = jobs.store.metadata(key, "v0001")
+    assert meta1["baseline"]["version"] is None and meta1["data"]["train"] + meta1["data"]["holdout"] == 10
+
+    monkeypatch.setenv("ODISE_TRAIN_STEPS", "20")  # round 2 checks what it is judged against, not its gain
+    annotate(round2)
+    deadline = time.time() + 120
+    while jobs.job(key) is second and time.time() < deadline:
+        time.sleep(0.2)
+    third = jobs.job(key)
+    assert third is not second and third.reason == "ANNOTATION_CREATED"
+    assert third.wait(TRAIN_TIMEOUT) and third.state == "done", third.as_dict()
+    log.info("round 2: %s", third.as_dict())
+    meta2 = jobs.store.metadata(key, third.version)
+    assert third.version == "v0002" and meta2["parent_version"] == "v0001"
+    assert meta2["data"]["holdout_task_ids"] == meta1["data"]["holdout_task_ids"]
+    # judged against v0001 (serving by then) on the same held-out tasks: v0001's own figures there
+    assert meta2["baseline"]["version"] == "v0001" and third.metrics["baseline_version"] == "v0001"
+    assert meta2["baseline"]["holdout"] == meta1["eval"]["holdout_after"]
+    assert third.promoted == is_better(_figures(meta2["eval"]["holdout_after"]), _figures(meta1["eval"]["holdout_after"]))
+
+    # every job id handed out answers, now and after a restart
+    for job in (first, second, third):
+        body = requests.post(f"{backend_server.url}/job_status", json={"job": job.id}, timeout=30)
+        assert body.status_code == 200 and body.json()["state"] == job.state, body.text
+        assert JobManager(jobs.store.root).find(job.id).as_dict() == job.as_dict()
+
+
+def _figures(d: dict) -> Any:
+    from odise_core.tools.evaluation import EvalResult
+
+    nan = float("nan")
+    return EvalResult(*(nan if d[k] is None else d[k] for k in ("pq", "sq", "rq", "pq_things", "pq_stuff", "mask_ap",
+                                                                  "mask_ap50", "miou")), d["num_images"])
