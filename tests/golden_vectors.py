@@ -27,6 +27,8 @@ from odise_core.vocabulary import TextEmbeddingCache, VocabClass, Vocabulary
 ENV_GOLDEN = "ODISE_GOLDEN_DIR"
 DEFAULT_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "golden"
 SUMMARISED = ("s2", "s3")  # fused levels stored as summaries, not in full
+# manifest settings the project reads off the weights instead of its config; checked on the built model
+DERIVED = {("clip", "patch_size"): lambda predictor: predictor.model.clip.model.visual.conv1.kernel_size[0]}
 
 
 def golden_dir() -> Path:
@@ -46,6 +48,8 @@ def golden_config(pkg: Path, manifest: dict[str, Any]) -> ModelConfig:
     for section in ("diffusion", "clip", "backbone", "pixel_decoder", "decoder", "head"):
         target = getattr(cfg, section)
         for key, value in spec.get(section, {}).items():
+            if (section, key) in DERIVED:
+                continue
             current = getattr(target, key)
             if isinstance(current, dict) and key != "custom":
                 current.update(value)
@@ -69,7 +73,12 @@ def build_model(pkg: Path, manifest: dict[str, Any], **head_changes: Any) -> ODI
     cfg = golden_config(pkg, manifest)
     for key, value in head_changes.items():
         setattr(cfg.head, key, value)
-    return build_predictor(cfg, device="cpu", text_cache=TextEmbeddingCache(None))
+    predictor = build_predictor(cfg, device="cpu", text_cache=TextEmbeddingCache(None))
+    for (section, key), read in DERIVED.items():
+        expected = manifest["project_config"].get(section, {}).get(key)
+        if expected is not None and read(predictor) != expected:
+            raise AssertionError(f"{section}.{key}: the built model has {read(predictor)}, the manifest {expected}")
+    return predictor
 
 
 @dataclass
