@@ -23,8 +23,6 @@ import math
 import resource
 import statistics
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -32,14 +30,12 @@ import numpy as np
 import requests
 import skimage.data
 from PIL import Image
-from werkzeug.serving import make_server
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from latency import random_weights  # noqa: E402
+from serving import serve_backend  # noqa: E402
 
-from backend.app import create_app  # noqa: E402
 from backend.label_config import make_label_config  # noqa: E402
-from backend.model import ODISEBackend  # noqa: E402
 from backend.settings import BackendSettings  # noqa: E402
 from odise_core.vocabulary import Vocabulary  # noqa: E402
 
@@ -82,17 +78,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    settings = BackendSettings.from_env({}, preset=args.preset, device=args.device,
-                                        model_dir=Path(tempfile.mkdtemp(prefix="odise-bench-")))
-    backend = ODISEBackend(settings, model_factory=_factory(args.device))
-    t0 = time.perf_counter()
-    backend.start_loading(background=False)
-    if backend.error:
-        raise SystemExit(f"model failed to load: {backend.error}")
-    build_seconds = time.perf_counter() - t0
-    server = make_server("127.0.0.1", 0, create_app(backend), threaded=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.port}/predict"
+    backend, server, url, build_seconds = serve_backend(args.preset, args.device, _factory(args.device))
 
     photo = skimage.data.coffee()  # 400 x 600
     h, w = photo.shape[:2]

@@ -14,20 +14,16 @@ import base64
 import io
 import json
 import statistics
-import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
 from PIL import Image
-from werkzeug.serving import make_server
 
-from backend.app import create_app
 from backend.label_config import make_label_config
-from backend.model import BackendSettings, ODISEBackend
 from odise_core.vocabulary import Vocabulary
+from serving import serve_backend
 
 
 def _image_uri(path: str | None) -> tuple[str, tuple[int, int]]:
@@ -65,17 +61,7 @@ def main() -> None:
     parser.add_argument("--example", help="write the full request/response example JSON here")
     args = parser.parse_args()
 
-    settings = BackendSettings.from_env({}, preset=args.preset, device=args.device,
-                                        model_dir=Path(tempfile.mkdtemp(prefix="odise-bench-")))
-    backend = ODISEBackend(settings)
-    t0 = time.perf_counter()
-    backend.start_loading(background=False)
-    if backend.error:
-        raise SystemExit(f"model failed to load: {backend.error}")
-    load_seconds = time.perf_counter() - t0
-    server = make_server("127.0.0.1", 0, create_app(backend), threaded=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.port}/predict"
+    _, server, url, load_seconds = serve_backend(args.preset, args.device)
 
     uri, (h, w) = _image_uri(args.image)
     config = make_label_config(Vocabulary.from_text(args.labels), kind=args.kind)
