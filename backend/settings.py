@@ -23,6 +23,7 @@ loaders as fields of the model configuration.
 | INTERACTIVE_CACHE_MB | | 512 | memory kept for interactive answers (per-task query states, LRU) |
 | WEBHOOK_SECRET | | unset | with basic auth: lets Label Studio's webhooks into /webhook by X-Webhook-Secret or ?secret= |
 | MAX_REQUEST_MB | | 100 | largest request body; a larger one is answered 413 before it is read |
+| REFRESH_ON_PROMOTE | (serve) --refresh-on-promote | auto | re-predict a project's tasks after a promotion: auto (when Label Studio URL and key are known), true, false |
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ from backend.ls_format import ResultOptions
 DEFAULT_MODEL_DIR = Path.home() / ".cache" / "odise-label-studio" / "backend"
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off", "")
+REFRESH_CHOICES = ("auto", "true", "false")
 
 
 class SettingsError(ValueError):
@@ -97,6 +99,7 @@ class BackendSettings:
     interactive_cache_mb: float = 512.0
     webhook_secret: str | None = field(default=None, repr=False)
     max_request_mb: float = 100.0
+    refresh_on_promote: str = "auto"  # auto | true | false: see refresh_enabled
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "BackendSettings":
@@ -133,6 +136,7 @@ class BackendSettings:
             interactive_cache_mb=_env_number(env, "INTERACTIVE_CACHE_MB", float, d.interactive_cache_mb),
             webhook_secret=env.get("WEBHOOK_SECRET") or None,
             max_request_mb=_env_number(env, "MAX_REQUEST_MB", float, d.max_request_mb),
+            refresh_on_promote=_refresh_word(env.get("REFRESH_ON_PROMOTE") or d.refresh_on_promote),
         )
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(overrides) - names
@@ -165,6 +169,14 @@ class BackendSettings:
                 raise SettingsError(f"{name} {value!r} is not one of {', '.join(allowed)}")
         if self.max_request_mb <= 0:
             raise SettingsError(f"MAX_REQUEST_MB={self.max_request_mb:g} must be above 0")
+        self.refresh_on_promote = _refresh_word(self.refresh_on_promote)
+
+    def refresh_enabled(self, label_studio_known: bool) -> bool:
+        """Whether a promotion starts a refresh of the project's predictions (REFRESH_ON_PROMOTE):
+        "auto" when the Label Studio URL and key are known (from settings or /setup), else as set."""
+        if self.refresh_on_promote == "auto":
+            return label_studio_known
+        return self.refresh_on_promote == "true"
 
     def model_config(self) -> Any:
         """The odise_core ModelConfig these settings ask for (a fresh copy of the preset, changed)."""
@@ -203,6 +215,17 @@ class BackendSettings:
             "result": dataclasses.asdict(self.result),
         }
         return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:6]
+
+
+def _refresh_word(value: str) -> str:
+    """REFRESH_ON_PROMOTE as "auto", "true" or "false" (any yes/no word is accepted for the last two)."""
+    word = str(value).strip().lower()
+    if word == "auto":
+        return word
+    try:
+        return "true" if parse_bool(word, "REFRESH_ON_PROMOTE") else "false"
+    except SettingsError:
+        raise SettingsError(f"REFRESH_ON_PROMOTE={value!r} is not one of {', '.join(REFRESH_CHOICES)}") from None
 
 
 def build_model(settings: BackendSettings) -> Any:
