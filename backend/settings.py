@@ -29,6 +29,7 @@ loaders as fields of the model configuration.
 | ODISE_TRAIN_ON_ANNOTATION, _MIN_ANNOTATIONS, _DEBOUNCE | --[no-]train-on-annotation, --min-annotations, --debounce (serve) | true, 8, 30 | TrainPolicy: when webhooks fine-tune |
 | ODISE_HOLDOUT_FRACTION | --holdout (serve, train) | 0.2 | TrainPolicy: share held out to judge a fine-tune |
 | ODISE_TRAIN_STEPS, _LR, _BATCH, _VIEWS, _POINTS | --steps, --lr, --batch-size, --views, --points (serve, train) | FinetuneOptions | fine-tune options |
+| REFRESH_ON_PROMOTE | (serve) --refresh-on-promote | auto | re-predict a project's tasks after a promotion: auto (when Label Studio URL and key are known), true, false |
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ from odise_core.training.finetune import FinetuneOptions
 DEFAULT_MODEL_DIR = Path.home() / ".cache" / "odise-label-studio" / "backend"
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off", "")
+REFRESH_CHOICES = ("auto", "true", "false")
 
 
 class SettingsError(ValueError):
@@ -141,6 +143,7 @@ class BackendSettings:
     document_root: Path | None = None  # prelabel folder mode; None: the folder's parent
     policy: TrainPolicy = field(default_factory=TrainPolicy)
     finetune: FinetuneOptions = field(default_factory=FinetuneOptions)
+    refresh_on_promote: str = "auto"  # auto | true | false: see refresh_enabled
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "BackendSettings":
@@ -188,6 +191,7 @@ class BackendSettings:
             document_root=Path(document_root) if document_root else None,
             policy=_env_fields(d.policy, env, POLICY_ENV, overrides),
             finetune=_env_fields(d.finetune, env, FINETUNE_ENV, overrides),
+            refresh_on_promote=_refresh_word(env.get("REFRESH_ON_PROMOTE") or d.refresh_on_promote),
         )
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(overrides) - names - set(POLICY_ENV) - set(FINETUNE_ENV)
@@ -236,11 +240,19 @@ class BackendSettings:
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise SettingsError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together (one alone would leave "
                                 "every endpoint open)")
+        self.refresh_on_promote = _refresh_word(self.refresh_on_promote)
 
     @property
     def basic_auth(self) -> tuple[str, str] | None:
         """(user, password) every endpoint but /health asks for, or None: open."""
         return (self.basic_auth_user, self.basic_auth_pass) if self.basic_auth_user and self.basic_auth_pass else None
+
+    def refresh_enabled(self, label_studio_known: bool) -> bool:
+        """Whether a promotion starts a refresh of the project's predictions (REFRESH_ON_PROMOTE):
+        "auto" when the Label Studio URL and key are known (from settings or /setup), else as set."""
+        if self.refresh_on_promote == "auto":
+            return label_studio_known
+        return self.refresh_on_promote == "true"
 
     def model_config(self) -> Any:
         """The odise_core ModelConfig these settings ask for (a fresh copy of the preset, changed)."""
@@ -285,6 +297,17 @@ class BackendSettings:
             **({"min_size": self.min_size} if self.min_size else {}),  # keeps earlier digests when unset
         }
         return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:6]
+
+
+def _refresh_word(value: str) -> str:
+    """REFRESH_ON_PROMOTE as "auto", "true" or "false" (any yes/no word is accepted for the last two)."""
+    word = str(value).strip().lower()
+    if word == "auto":
+        return word
+    try:
+        return "true" if parse_bool(word, "REFRESH_ON_PROMOTE") else "false"
+    except SettingsError:
+        raise SettingsError(f"REFRESH_ON_PROMOTE={value!r} is not one of {', '.join(REFRESH_CHOICES)}") from None
 
 
 def build_model(settings: BackendSettings, text_cache: Any = None, network: type | None = None) -> Any:
