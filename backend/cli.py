@@ -5,9 +5,10 @@ import argparse
 import logging
 import sys
 
+from backend.flags import add_model_dir_flag, add_model_flags, add_training_flags
 from backend.learning_cli import add_commands as add_learning_commands
 from backend.ls_client import LabelStudioAuthError, add_label_studio_flags
-from backend.settings import SettingsError, add_model_dir_flag, add_model_flags, add_training_flags
+from backend.settings import SettingsError
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C
 

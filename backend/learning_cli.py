@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from backend.flags import add_model_dir_flag, add_model_flags, add_training_flags
 from backend.ls_client import LabelStudioAuthError, add_label_studio_flags
-from backend.settings import BackendSettings, add_model_dir_flag, add_model_flags, add_training_flags, build_model
+from backend.settings import BackendSettings, build_model
 
 log = logging.getLogger("odise-ls")
 

@@ -370,8 +370,8 @@ def prelabel_tasks(backend: Any, client: Any, project_id: int, label_config: str
 # ----------------------------------------------------------------------------- command line
 def add_arguments(p: Any) -> None:
     """The `odise-ls prelabel` flags (model flags are added by the CLI)."""
+    from backend.flags import add_model_dir_flag
     from backend.ls_client import add_label_studio_flags
-    from backend.settings import add_model_dir_flag
 
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--project", type=int, help="Label Studio project id: predictions are created on its tasks")
