@@ -211,7 +211,10 @@ class ODISEPredictor:
 
 
 def build_predictor(cfg: ModelConfig, device: str | torch.device = "auto",
-                    text_cache: TextEmbeddingCache | None = None) -> ODISEPredictor:
+                    text_cache: TextEmbeddingCache | None = None, network: type[ODISE] | None = None
+                    ) -> ODISEPredictor:
     """The one way to build a predictor: the network with `cfg`'s weights on `device` ('auto': CUDA,
-    MPS, CPU), SD cast as `cfg.precision` asks. Fails at once, naming what is missing, without weights."""
-    return ODISEPredictor(ODISE.from_config(cfg, resolve_device(device), text_cache=text_cache))
+    MPS, CPU), SD cast as `cfg.precision` asks. Fails at once, naming what is missing, without weights.
+
+    `network` is ODISE or a subclass (the reference-equivalent baseline of the latency benchmark)."""
+    return ODISEPredictor((network or ODISE).from_config(cfg, resolve_device(device), text_cache=text_cache))
