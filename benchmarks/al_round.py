@@ -22,7 +22,6 @@ import argparse
 import io
 import json
 import logging
-import os
 import statistics
 import tempfile
 import threading
@@ -182,8 +181,6 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    for name, value in (("ODISE_TRAIN_STEPS", args.steps), ("ODISE_TRAIN_VIEWS", 1), ("ODISE_TRAIN_BATCH", 1)):
-        os.environ[name] = str(value)
     root = Path(tempfile.mkdtemp(prefix="odise-al-round-"))
     vocab = Vocabulary.coco_panoptic()
     label_config = make_label_config(vocab, kind="polygon")
@@ -198,7 +195,8 @@ def main() -> None:
             project = str(r.json()["id"])
         settings = BackendSettings.from_env({}, preset=args.preset, device="cpu", precision=args.precision,
                                             model_dir=root / "models", feature_cache_dtype=args.feature_cache_dtype,
-                                            refresh_on_promote="false")
+                                            refresh_on_promote="false", steps=args.steps, views_per_image=1,
+                                            batch_size=1)
         backend = ODISEBackend(settings)
         t0 = time.perf_counter()
         backend.start_loading(background=False)
