@@ -23,6 +23,9 @@ loaders as fields of the model configuration.
 | INTERACTIVE_CACHE_MB | | 512 | memory kept for interactive answers (per-task query states, LRU) |
 | WEBHOOK_SECRET | | unset | with basic auth: lets Label Studio's webhooks into /webhook by X-Webhook-Secret or ?secret= |
 | MAX_REQUEST_MB | | 100 | largest request body; a larger one is answered 413 before it is read |
+| FEATURE_CACHE_MB | --feature-cache-mb | 16384 | disk for cached backbone features (0 disables), LRU |
+| FEATURE_CACHE_DTYPE | --feature-cache-dtype | fp16 | storage of cached features: fp16, bf16 or fp32 (exact) |
+| FEATURE_CACHE_DIR | --feature-cache-dir | MODEL_DIR/feature_cache | where cached features live |
 """
 from __future__ import annotations
 
@@ -38,6 +41,9 @@ from typing import Any, Mapping
 from backend.ls_format import ResultOptions
 
 DEFAULT_MODEL_DIR = Path.home() / ".cache" / "odise-label-studio" / "backend"
+# 16 GB: ~130 photos at 1024 on the full preset in fp16 (~120 MB each), ~530 with --fast (README).
+DEFAULT_FEATURE_CACHE_MB = 16384.0
+FEATURE_CACHE_DTYPES = ("fp16", "bf16", "fp32")
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off", "")
 
@@ -97,6 +103,9 @@ class BackendSettings:
     interactive_cache_mb: float = 512.0
     webhook_secret: str | None = field(default=None, repr=False)
     max_request_mb: float = 100.0
+    feature_cache_mb: float = DEFAULT_FEATURE_CACHE_MB
+    feature_cache_dtype: str = "fp16"
+    feature_cache_dir: Path | None = None  # None: model_dir / "feature_cache"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "BackendSettings":
@@ -133,6 +142,9 @@ class BackendSettings:
             interactive_cache_mb=_env_number(env, "INTERACTIVE_CACHE_MB", float, d.interactive_cache_mb),
             webhook_secret=env.get("WEBHOOK_SECRET") or None,
             max_request_mb=_env_number(env, "MAX_REQUEST_MB", float, d.max_request_mb),
+            feature_cache_mb=_env_number(env, "FEATURE_CACHE_MB", float, d.feature_cache_mb),
+            feature_cache_dtype=env.get("FEATURE_CACHE_DTYPE") or d.feature_cache_dtype,
+            feature_cache_dir=Path(env["FEATURE_CACHE_DIR"]) if env.get("FEATURE_CACHE_DIR") else None,
         )
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(overrides) - names
@@ -149,7 +161,7 @@ class BackendSettings:
         """Settings of a command: its flags (those it has and the user gave) over `from_env`."""
         names = {f.name for f in dataclasses.fields(cls)}
         flags = {k: v for k, v in vars(args).items() if k in names and v is not None}
-        for key in ("weights_dir", "model_dir"):
+        for key in ("weights_dir", "model_dir", "feature_cache_dir"):
             if key in flags:
                 flags[key] = Path(flags[key])
         return cls.from_env(environ, **flags)
@@ -159,12 +171,15 @@ class BackendSettings:
         from odise_core.postprocess import MODES
         from odise_core.predictor import PRECISIONS
 
-        checks = (("PRECISION", self.precision, PRECISIONS), ("PREDICTION_MODE", self.mode, MODES))
+        checks = (("PRECISION", self.precision, PRECISIONS), ("PREDICTION_MODE", self.mode, MODES),
+                  ("FEATURE_CACHE_DTYPE", self.feature_cache_dtype, FEATURE_CACHE_DTYPES))
         for name, value, allowed in checks:
             if value not in allowed:
                 raise SettingsError(f"{name} {value!r} is not one of {', '.join(allowed)}")
         if self.max_request_mb <= 0:
             raise SettingsError(f"MAX_REQUEST_MB={self.max_request_mb:g} must be above 0")
+        if self.feature_cache_mb < 0:
+            raise SettingsError(f"FEATURE_CACHE_MB={self.feature_cache_mb:g} must be 0 (off) or more")
 
     def model_config(self) -> Any:
         """The odise_core ModelConfig these settings ask for (a fresh copy of the preset, changed)."""
@@ -192,8 +207,19 @@ class BackendSettings:
             [f"sd-{str(sd_dtype).removeprefix('torch.')}"]
         return "+".join(parts)
 
+    def feature_cache(self) -> Any:
+        """The backbone feature cache these settings ask for (odise_core FeatureCache; disabled at 0 MB)."""
+        from odise_core.feature_cache import FeatureCache
+
+        root = self.feature_cache_dir or self.model_dir / "feature_cache"
+        return FeatureCache(root, max_bytes=int(self.feature_cache_mb * 2**20), storage=self.feature_cache_dtype)
+
     def results_digest(self) -> str:
-        """Short hash of every setting that changes predictions; stable across restarts."""
+        """Short hash of every setting that changes predictions; stable across restarts.
+
+        The feature cache is not in it: fp32 storage is exact, and fp16/bf16 storage moves class
+        probabilities by less than the precision setting does (README, Feature cache); one version
+        covers predictions made from computed and from cached features alike."""
         shaping = {
             "preset": self.preset,
             "fast": self.fast,
@@ -209,7 +235,7 @@ def build_model(settings: BackendSettings) -> Any:
     """The one function that builds the model for every command: config from `settings`, on its device."""
     from odise_core.predictor import build_predictor
 
-    return build_predictor(settings.model_config(), device=settings.device)
+    return build_predictor(settings.model_config(), device=settings.device, feature_cache=settings.feature_cache())
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -223,6 +249,18 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                         "bf16: SD in bf16 on any CPU; fp32: float32 everywhere (env PRECISION, default auto)")
     p.add_argument("--fast", action="store_true", default=None,
                    help="process at the window size (512 shortest edge): 1 crop instead of 4 (env FAST=1)")
+    add_feature_cache_flags(p)
+
+
+def add_feature_cache_flags(p: argparse.ArgumentParser) -> None:
+    """--feature-cache-mb / -dtype / -dir (env FEATURE_CACHE_MB / _DTYPE / _DIR): the backbone feature cache."""
+    p.add_argument("--feature-cache-mb", type=float,
+                   help=f"disk for cached backbone features, least recently used dropped first; 0 disables "
+                        f"(env FEATURE_CACHE_MB, default {DEFAULT_FEATURE_CACHE_MB:g})")
+    p.add_argument("--feature-cache-dtype", choices=FEATURE_CACHE_DTYPES,
+                   help="storage of cached features: fp16, bf16 or fp32 (exact) (env FEATURE_CACHE_DTYPE, default fp16)")
+    p.add_argument("--feature-cache-dir", help="where cached features live (env FEATURE_CACHE_DIR, "
+                                               "default MODEL_DIR/feature_cache)")
 
 
 def add_model_dir_flag(p: argparse.ArgumentParser, what: str = "fine-tuned model versions") -> None:

@@ -175,6 +175,19 @@ def resolve_sd_source(cfg: DiffusionConfig, where: WeightsLocation = DEFAULT_LOC
     raise where.missing(f"Stable Diffusion v1.3 ({source})", looked, where.why_missing(HF_HOST))
 
 
+def source_identity(kind: str, location: str) -> str:
+    """`location` for caches keyed by weights: with the resolved path, size and mtime of a local file (or of
+    every file in a local directory), so replacing the weights changes it."""
+    if kind == "file":
+        stat = Path(location).stat()
+        return f"{Path(location).resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
+    if kind == "dir":
+        root = Path(location).resolve()
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+        return f"{root}:" + ",".join(f"{p.relative_to(root)}:{p.stat().st_size}:{int(p.stat().st_mtime)}" for p in files)
+    return location
+
+
 def _seeded_init(seed: int, build: Any) -> Any:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -26,3 +26,10 @@ def coco_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cats = [{"id": k + 1, "name": n, "isthing": int(t)} for k, (n, t) in enumerate(zip(CLASS_NAMES, IS_THING))]
     (root / "result.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
     return root
+
+
+@pytest.fixture(autouse=True)
+def _feature_cache_in_tmp(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Commands built from the environment keep their backbone feature cache in a fresh folder per test,
+    never in the user's MODEL_DIR (settings built with an explicit model_dir use theirs)."""
+    monkeypatch.setenv("FEATURE_CACHE_DIR", str(tmp_path_factory.mktemp("feature_cache")))

@@ -16,7 +16,8 @@ from backend.settings import BackendSettings, SettingsError, build_model, parse_
 from odise_core.tools.synthetic import CLASS_NAMES
 
 ENV = {"OVERLAP_THRESHOLD": "0.3", "PREDICTION_MODE": "instance"}
-FLAGS = ["--preset", "tiny", "--fast", "--precision", "bf16", "--device", "cpu"]
+FLAGS = ["--preset", "tiny", "--fast", "--precision", "bf16", "--device", "cpu", "--feature-cache-mb", "64",
+         "--feature-cache-dtype", "bf16"]
 
 
 def test_overlap_threshold_and_fast_reach_the_model_config():
@@ -57,6 +58,23 @@ def test_weight_variables_reach_the_config_as_values(tmp_path, monkeypatch):
     assert "ODISE_WEIGHTS_DIR" not in os.environ  # nothing was written into the environment
 
 
+def test_feature_cache_settings_resolve_flags_over_env_over_defaults(tmp_path):
+    default = BackendSettings.from_env({}, model_dir=tmp_path / "models").feature_cache()
+    assert (default.root, default.max_bytes, default.storage) == (tmp_path / "models" / "feature_cache",
+                                                                  16384 * 2**20, "fp16")
+    env = {"FEATURE_CACHE_MB": "0.5", "FEATURE_CACHE_DTYPE": "fp32", "FEATURE_CACHE_DIR": str(tmp_path / "f")}
+    cache = BackendSettings.from_env(env).feature_cache()
+    assert (cache.root, cache.max_bytes, cache.storage, cache.enabled) == (tmp_path / "f", 2**19, "fp32", True)
+    args = build_parser().parse_args(["rank", "x.png", "--labels", "a", "--feature-cache-mb", "0",
+                                      "--feature-cache-dir", str(tmp_path / "g")])
+    flagged = BackendSettings.resolve(args, env).feature_cache()
+    assert (flagged.root, flagged.enabled, flagged.storage) == (tmp_path / "g", False, "fp32")
+    with pytest.raises(SettingsError, match="FEATURE_CACHE_DTYPE 'int8' is not one of fp16, bf16, fp32"):
+        BackendSettings.from_env({"FEATURE_CACHE_DTYPE": "int8"})
+    with pytest.raises(SettingsError, match="FEATURE_CACHE_MB=-1 must be 0"):
+        BackendSettings.from_env({"FEATURE_CACHE_MB": "-1"})
+
+
 def test_results_digest_changes_with_results_and_only_then():
     base = BackendSettings.from_env({}, preset="tiny", device="cpu")
     assert BackendSettings.from_env({}, preset="tiny", device="cpu").results_digest() == base.results_digest()
@@ -76,6 +94,8 @@ def test_results_digest_changes_with_results_and_only_then():
     assert base.results_digest() not in digests.values() and len(set(digests.values())) == len(digests)
     # what does not change predictions does not change the version
     same = [dataclasses.replace(base, model_dir=Path("/elsewhere"), image_timeout=5.0, api_key="k"),
+            dataclasses.replace(base, feature_cache_mb=0.0, feature_cache_dtype="fp32", feature_cache_dir=Path("/f")),
+            dataclasses.replace(base, feature_cache_dtype="bf16"),
             dataclasses.replace(base, precision="fp32" if base.resolved_precision() == "sd-float32" else "auto")]
     assert {s.results_digest() for s in same} == {base.results_digest()}
 
@@ -93,14 +113,16 @@ def built(tiny_model, monkeypatch, tmp_path):
 
     calls: list[tuple] = []
 
-    def build_predictor(cfg, device="auto", **kwargs):
-        calls.append((cfg, str(device)))
+    def build_predictor(cfg, device="auto", feature_cache=None, **kwargs):
+        calls.append((cfg, str(device), feature_cache))
         return tiny_model
 
     monkeypatch.setattr(predictor, "build_predictor", build_predictor)
     for name, value in ENV.items():
         monkeypatch.setenv(name, value)
-    for name in ("FAST", "PRECISION", "DEVICE", "PRESET", "ODISE_WEIGHTS_DIR", "MODEL_DIR"):
+    monkeypatch.setenv("FEATURE_CACHE_DIR", str(tmp_path / "features"))
+    monkeypatch.setenv("FEATURE_CACHE_MB", "1")  # the flag wins
+    for name in ("FAST", "PRECISION", "DEVICE", "PRESET", "ODISE_WEIGHTS_DIR", "MODEL_DIR", "FEATURE_CACHE_DTYPE"):
         monkeypatch.delenv(name, raising=False)
     return calls
 
@@ -115,7 +137,8 @@ def _expected_version(tiny_model) -> str:
 
 def _check_built(calls: list[tuple], weights: Path) -> None:
     assert len(calls) == 1, "one model per command"
-    cfg, device = calls[0]
+    cfg, device, cache = calls[0]
+    assert (cache.root, cache.max_bytes, cache.storage) == (weights.parent / "features", 64 * 2**20, "bf16")
     assert device == "cpu" and cfg.name == "tiny" and cfg.precision == "bf16"
     assert cfg.backbone.min_size == cfg.backbone.window  # --fast
     assert cfg.head.overlap_threshold == 0.3 and cfg.weights_dir == str(weights)
