@@ -217,9 +217,9 @@ class BackendSettings:
     def results_digest(self) -> str:
         """Short hash of every setting that changes predictions; stable across restarts.
 
-        The feature cache is not in it: fp32 storage is exact, and fp16/bf16 storage moves class
-        probabilities by less than the precision setting does (README, Feature cache); one version
-        covers predictions made from computed and from cached features alike."""
+        The feature cache's storage dtype is in it only when the cache rounds: fp16/bf16 features are
+        used as stored, first pass or not, so they change results slightly (README, Feature cache);
+        an exact (fp32) or disabled cache, its size and folder change nothing."""
         shaping = {
             "preset": self.preset,
             "fast": self.fast,
@@ -228,6 +228,8 @@ class BackendSettings:
             "mode": self.mode,
             "result": dataclasses.asdict(self.result),
         }
+        if self.feature_cache_mb > 0 and self.feature_cache_dtype != "fp32":
+            shaping["feature_storage"] = self.feature_cache_dtype
         return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:6]
 
 

@@ -113,6 +113,9 @@ class FeatureCache:
             return {name: t.float() for name, t in stored.items()}
         computed = compute()
         stored = {name: t.detach().to("cpu", self.dtype).contiguous() for name, t in computed.items()}
+        if any(t.isinf().any() for t in stored.values()):
+            log.warning("features overflow %s storage: not cached (use bf16 or fp32 storage)", self.storage)
+            return computed
         self._store(key, stored)
         return {name: t.float() for name, t in stored.items()} if as_stored else computed
 
@@ -165,9 +168,6 @@ class FeatureCache:
     # ----------------------------------------------------------------- writes
     def _store(self, key: str, stored: Features) -> None:
         size = _nbytes(stored)
-        if any(t.isinf().any() for t in stored.values()):
-            log.warning("features overflow %s storage: not cached (use bf16 or fp32 storage)", self.storage)
-            return
         if size > self.max_bytes:
             log.info("features of %d bytes exceed the feature cache's %d: not stored", size, self.max_bytes)
             return

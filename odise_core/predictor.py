@@ -138,7 +138,8 @@ class ODISEPredictor:
 
     def _features(self, padded: torch.Tensor) -> tuple[dict[str, torch.Tensor], str | None]:
         """The fused backbone features of `padded`, from the feature cache when it has them; and "hit",
-        "miss" or None (no cache)."""
+        "miss" or None (no cache). Features are used as stored on a miss too, so an image predicts the
+        same whether it was seen before or not (with fp16/bf16 storage, slightly unlike no cache)."""
         cache = self.feature_cache
         if cache is None or not cache.enabled:
             return self.model.extract_features(padded), None
@@ -150,7 +151,7 @@ class ODISEPredictor:
             computed.append(True)
             return self.model.extract_features(padded)
 
-        features = cache.get_or_compute(key, compute)
+        features = cache.get_or_compute(key, compute, as_stored=True)
         return {name: f.to(self.device) for name, f in features.items()}, "miss" if computed else "hit"
 
     def _forward(self, image: Any, vocab: Vocabulary, keep_clip_embeds: bool = False) -> _Forward:

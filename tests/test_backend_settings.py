@@ -89,15 +89,18 @@ def test_results_digest_changes_with_results_and_only_then():
         "min_area": dataclasses.replace(base, result=ResultOptions(min_area=1)),
         "score": dataclasses.replace(base, result=ResultOptions(score_threshold=0.5)),
         "holes": dataclasses.replace(base, result=ResultOptions(keep_holes=False)),
+        "cache-bf16": dataclasses.replace(base, feature_cache_dtype="bf16"),
+        "cache-exact": dataclasses.replace(base, feature_cache_dtype="fp32"),
     }
     digests = {name: s.results_digest() for name, s in changed.items()}
     assert base.results_digest() not in digests.values() and len(set(digests.values())) == len(digests)
     # what does not change predictions does not change the version
     same = [dataclasses.replace(base, model_dir=Path("/elsewhere"), image_timeout=5.0, api_key="k"),
-            dataclasses.replace(base, feature_cache_mb=0.0, feature_cache_dtype="fp32", feature_cache_dir=Path("/f")),
-            dataclasses.replace(base, feature_cache_dtype="bf16"),
+            dataclasses.replace(base, feature_cache_mb=1.0, feature_cache_dir=Path("/f")),
             dataclasses.replace(base, precision="fp32" if base.resolved_precision() == "sd-float32" else "auto")]
     assert {s.results_digest() for s in same} == {base.results_digest()}
+    # a disabled cache and an exact one give the results of no cache; only a rounding one is in the digest
+    assert dataclasses.replace(base, feature_cache_mb=0.0).results_digest() == digests["cache-exact"]
 
 
 # ----------------------------------------------------------------------------- every command
@@ -128,7 +131,8 @@ def built(tiny_model, monkeypatch, tmp_path):
 
 
 def _expected_version(tiny_model) -> str:
-    settings = BackendSettings.from_env(ENV, preset="tiny", fast=True, precision="bf16", device="cpu")
+    settings = BackendSettings.from_env(ENV, preset="tiny", fast=True, precision="bf16", device="cpu",
+                                        feature_cache_dtype="bf16")
     version = base_model_version(settings, tiny_model)
     assert version.startswith(f"odise-tiny-fast-{weights_digest(tiny_model)}-s")
     assert version != base_model_version(BackendSettings(preset="tiny", device="cpu"), tiny_model)

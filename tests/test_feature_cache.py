@@ -2,6 +2,7 @@
 and to several processes, and keyed so that a heads-only fine-tune keeps hitting it."""
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import time
@@ -178,6 +179,36 @@ def test_fp32_cached_predictions_equal_uncached(tiny, vocab, photos, tmp_path):
         assert c.timings["backbone"] > 0
 
 
+def _panoptic(pred, size) -> np.ndarray:
+    """Per-pixel (class index + 1) of the panoptic segments, 0 where no segment."""
+    out = np.zeros(size, dtype=np.int64)
+    for s in pred.segments:
+        out[s.mask] = s.class_index + 1
+    return out
+
+
+@pytest.mark.parametrize("storage,max_prob_diff,max_pixels_pct", [("fp16", 2e-3, 0.5), ("bf16", 2e-2, 2.0)])
+def test_compact_storage_stays_close_to_the_uncached_pass(tiny, vocab, photos, tmp_path, storage, max_prob_diff,
+                                                          max_pixels_pct):
+    """Bounds a few times the measured figures (README, Feature cache); a first pass and a hit agree exactly."""
+    tiny.feature_cache = None
+    plain = [tiny.predict_raw(p, vocab) for p in photos]
+    tiny.feature_cache = FeatureCache(tmp_path, max_bytes=10**9, storage=storage)
+    try:
+        first = [tiny.predict_raw(p, vocab) for p in photos]
+        again = [tiny.predict_raw(p, vocab) for p in photos]
+    finally:
+        tiny.feature_cache = None
+    diffs, pixels = [], []
+    for p, a, b, c in zip(photos, plain, first, again):
+        _same(b, c)  # used as stored on the first pass too
+        diffs.append(float((a.class_probs - b.class_probs).abs().max()))
+        pixels.append(100.0 * float((_panoptic(a, p.shape[:2]) != _panoptic(b, p.shape[:2])).mean()))
+    print(f"{storage}: max |dp| {max(diffs):.2e}, panoptic pixels differing {max(pixels):.3f}% (per photo "
+          f"{', '.join(f'{d:.1e}/{x:.3f}%' for d, x in zip(diffs, pixels))})")
+    assert 0 < max(diffs) < max_prob_diff and max(pixels) < max_pixels_pct
+
+
 def test_key_follows_inputs_precision_storage_and_backbone_weights(tiny, photos):
     from odise_core.preprocess import prepare
 
@@ -206,3 +237,57 @@ def test_key_follows_inputs_precision_storage_and_backbone_weights(tiny, photos)
     finally:
         tiny.load_trainable_state_dict(state)
     assert feature_key(tiny.model, padded, "fused", "fp16") == key
+
+
+def test_heads_only_fine_tune_keeps_hitting_and_a_projection_fine_tune_misses(photos, vocab, tmp_path):
+    from odise_core.tools.synthetic import make_scene
+    from odise_core.training.finetune import FinetuneOptions, TrainSample, finetune
+
+    predictor = build_predictor(get_config("tiny"), device="cpu", text_cache=TextEmbeddingCache(None),
+                                feature_cache=FeatureCache(tmp_path / "features", 10**9, storage="fp32"))
+    scene = make_scene(3, size=128)
+    samples = [TrainSample(scene.image, scene.masks, scene.classes % len(vocab))]
+    image = photos[2]
+    first = predictor.predict_raw(image, vocab)
+    options = FinetuneOptions(steps=2, views_per_image=2, num_points=256, lr=1e-3, grad_clip=None)
+    finetune(predictor.model, samples, options, vocab=vocab, feature_cache=predictor.feature_cache)
+    stats = predictor.feature_cache.stats()
+    assert stats.entries == stats.misses >= 2  # the image and the views the steps drew
+    heads = predictor.predict_raw(image, vocab)
+    assert (first.feature_cache, heads.feature_cache) == ("miss", "hit")
+    assert not torch.equal(first.class_probs, heads.class_probs)  # the heads changed, the features stand
+    predictor.feature_cache, cached = None, predictor.feature_cache
+    _same(predictor.predict_raw(image, vocab), heads)  # exact storage: a hit predicts as a fresh pass
+    predictor.feature_cache = cached
+    options.trainable = ("feature_projections", "predictor")
+    finetune(predictor.model, samples, options, vocab=vocab, feature_cache=predictor.feature_cache)
+    assert predictor.predict_raw(image, vocab).feature_cache == "miss"
+
+
+# ----------------------------------------------------------------------------- odise-ls cache
+def test_cache_command_shows_and_clears(tmp_path, capsys, monkeypatch):
+    from backend.cli import main
+
+    monkeypatch.delenv("FEATURE_CACHE_DIR")
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path / "models"))
+    cache = FeatureCache(tmp_path / "models" / "feature_cache", max_bytes=10**6, storage="fp16")
+    for key in ("a", "b", "a"):
+        cache.get_or_compute(key, lambda: _features(0))
+    size = cache.stats().bytes
+    assert main(["cache", "--json", "--feature-cache-mb", "2"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown == {"entries": 2, "bytes": size, "max_bytes": 2 * 2**20, "hits": 1, "misses": 2,
+                     "hit_rate": pytest.approx(1 / 3), "storage": "fp16", "root": str(cache.root)}
+    assert main(["cache"]) == 0
+    text = capsys.readouterr().out
+    assert f"feature cache {cache.root}" in text and "entries   2" in text and "33.3% (1 hits, 2 misses)" in text
+    assert f"{size / 2**20:.1f} MB of 16384 MB max" in text
+    assert main(["cache", "clear", "--json"]) == 0
+    cleared = json.loads(capsys.readouterr().out)
+    assert (cleared["removed"], cleared["entries"], cleared["bytes"], cleared["hits"]) == (2, 0, 0, 0)
+    assert not cache.contains("a")
+    assert main(["cache", "clear", "--feature-cache-dir", str(tmp_path / "elsewhere")]) == 0
+    assert capsys.readouterr().out == f"removed 0 entries from {tmp_path / 'elsewhere'}\n"
+    monkeypatch.setenv("FEATURE_CACHE_MB", "lots")
+    assert main(["cache"]) == 2
+    assert "FEATURE_CACHE_MB='lots' is not a number" in capsys.readouterr().err
