@@ -14,7 +14,6 @@ import os
 import tempfile
 import time
 import zlib
-from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -68,23 +67,17 @@ def _crc(tensors: Features) -> str:
 
 
 class FeatureCache:
-    """Features per key under `root`, at most `max_bytes` on disk (0 disables), stored as `storage`.
+    """Features per key under `root`, at most `max_bytes` on disk (0 disables), stored as `storage`."""
 
-    `memory_bytes` keeps recently used entries in this process too (a fine-tune reads each view many
-    times); those memory hits are not counted in the persisted hit/miss figures.
-    """
-
-    def __init__(self, root: str | Path, max_bytes: int, storage: str = "fp16", memory_bytes: int = 0) -> None:
+    def __init__(self, root: str | Path, max_bytes: int, storage: str = "fp16") -> None:
         if storage not in STORAGE_DTYPES:
             raise ValueError(f"feature cache storage must be one of {', '.join(STORAGE_DTYPES)}, got {storage!r}")
-        if max_bytes < 0 or memory_bytes < 0:
-            raise ValueError(f"feature cache sizes must be >= 0, got max_bytes={max_bytes}, memory_bytes={memory_bytes}")
+        if max_bytes < 0:
+            raise ValueError(f"feature cache max_bytes must be >= 0, got {max_bytes}")
         self.root = Path(root).expanduser()
         self.max_bytes = int(max_bytes)
         self.storage = storage
         self.dtype = STORAGE_DTYPES[storage]
-        self.memory_bytes = int(memory_bytes)
-        self._memory: OrderedDict[str, Features] = OrderedDict()
 
     def __repr__(self) -> str:
         return f"FeatureCache({str(self.root)!r}, max_bytes={self.max_bytes}, storage={self.storage!r})"
@@ -105,10 +98,8 @@ class FeatureCache:
         `as_stored` (so a result does not depend on whether it was cached, as fine-tuning needs)."""
         if not self.enabled:
             return compute()
-        stored = self._memory_get(key)
-        if stored is None:
-            stored = self._load(key)
-            self._record(hit=stored is not None)
+        stored = self._load(key)
+        self._record(hit=stored is not None)
         if stored is not None:
             return {name: t.float() for name, t in stored.items()}
         computed = compute()
@@ -122,22 +113,6 @@ class FeatureCache:
     def contains(self, key: str) -> bool:
         """Whether `key` has an entry on disk (not checked for corruption)."""
         return self.enabled and self.path_for(key).is_file()
-
-    def _memory_get(self, key: str) -> Features | None:
-        stored = self._memory.get(key)
-        if stored is not None:
-            self._memory.move_to_end(key)
-        return stored
-
-    def _memory_put(self, key: str, stored: Features) -> None:
-        size = _nbytes(stored)
-        if size > self.memory_bytes:
-            return
-        self._memory[key] = stored
-        self._memory.move_to_end(key)
-        total = sum(_nbytes(e) for e in self._memory.values())
-        while total > self.memory_bytes:
-            total -= _nbytes(self._memory.popitem(last=False)[1])
 
     def _load(self, key: str) -> Features | None:
         """The stored entry, None when absent; a corrupt or truncated one is logged and deleted."""
@@ -158,7 +133,6 @@ class FeatureCache:
             os.utime(path)  # recency for eviction
         except FileNotFoundError:
             pass
-        self._memory_put(key, stored)
         return stored
 
     def _discard(self, path: Path, why: str) -> None:
@@ -181,7 +155,6 @@ class FeatureCache:
             Path(tmp).unlink(missing_ok=True)
             log.warning("feature cache could not write under %s (%s): features not cached", self.root, exc)
             return
-        self._memory_put(key, stored)
         self._evict()
 
     def _evict(self) -> None:
@@ -260,7 +233,6 @@ class FeatureCache:
 
     def clear(self) -> int:
         """Remove every entry (of any storage dtype) and reset the hit/miss counts; returns how many entries."""
-        self._memory.clear()
         if not self.root.is_dir():
             return 0
         with self._lock():

@@ -28,8 +28,12 @@ def coco_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(autouse=True)
-def _feature_cache_in_tmp(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Commands built from the environment keep their backbone feature cache in a fresh folder per test,
-    never in the user's MODEL_DIR (settings built with an explicit model_dir use theirs)."""
-    monkeypatch.setenv("FEATURE_CACHE_DIR", str(tmp_path_factory.mktemp("feature_cache")))
+@pytest.fixture(scope="session", autouse=True)
+def _exact_feature_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory):
+    """Commands built from the environment (also in subprocesses) keep their backbone feature cache in a
+    temporary folder, never the user's, and store it exactly (fp32), so their results can be compared
+    bit for bit with uncached passes; tests/test_feature_cache.py covers the rounding storage dtypes."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FEATURE_CACHE_DIR", str(tmp_path_factory.mktemp("feature_cache")))
+        mp.setenv("FEATURE_CACHE_DTYPE", "fp32")
+        yield

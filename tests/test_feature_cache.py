@@ -187,7 +187,7 @@ def _panoptic(pred, size) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("storage,max_prob_diff,max_pixels_pct", [("fp16", 2e-3, 0.5), ("bf16", 2e-2, 2.0)])
+@pytest.mark.parametrize("storage,max_prob_diff,max_pixels_pct", [("fp16", 2e-3, 0.5), ("bf16", 2e-2, 5.0)])
 def test_compact_storage_stays_close_to_the_uncached_pass(tiny, vocab, photos, tmp_path, storage, max_prob_diff,
                                                           max_pixels_pct):
     """Bounds a few times the measured figures (README, Feature cache); a first pass and a hit agree exactly."""
@@ -269,6 +269,7 @@ def test_cache_command_shows_and_clears(tmp_path, capsys, monkeypatch):
     from backend.cli import main
 
     monkeypatch.delenv("FEATURE_CACHE_DIR")
+    monkeypatch.delenv("FEATURE_CACHE_DTYPE")
     monkeypatch.setenv("MODEL_DIR", str(tmp_path / "models"))
     cache = FeatureCache(tmp_path / "models" / "feature_cache", max_bytes=10**6, storage="fp16")
     for key in ("a", "b", "a"):
