@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_label_config(sub)
     _add_predict(sub)
     _add_prelabel(sub)
+    _add_refresh(sub)
     _add_export(sub)
     add_learning_commands(sub)
     _add_cache(sub)
@@ -35,6 +36,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     add_model_dir_flag(p)
     add_label_studio_flags(p)
     add_model_flags(p)
+    p.add_argument("--refresh-on-promote", choices=["auto", "true", "false"],
+                   help="after a promotion, re-predict the project's tasks stored with an older version: auto = "
+                        "when the Label Studio URL and key are known (env REFRESH_ON_PROMOTE, default auto)")
     p.set_defaults(func=_run_serve)
 
 
@@ -71,7 +75,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
         server.server_close()
-        backend.jobs.shutdown(timeout=10)
+        backend.shutdown(timeout=10)
     return 0
 
 
@@ -128,6 +132,39 @@ def _run_prelabel(args: argparse.Namespace) -> int:
     if summary.interrupted:
         return EXIT_INTERRUPTED
     return 1 if summary.failures else 0
+
+
+def _add_refresh(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("refresh", help="re-predict a project's tasks stored with an older model version of this "
+                                       "backend, and delete those older predictions (what a promotion starts)")
+    p.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    add_label_studio_flags(p)
+    add_model_dir_flag(p, "fine-tuned model versions; the project's promoted version predicts")
+    p.add_argument("--workers", type=int, default=2, help="image fetching threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_model_flags(p)
+    p.set_defaults(func=_run_refresh)
+
+
+def _run_refresh(args: argparse.Namespace) -> int:
+    from backend.learning.refresh import refresh_project
+    from backend.ls_client import make_client
+    from backend.model import ModelLoadFailed, ODISEBackend
+    from backend.settings import BackendSettings
+
+    try:
+        settings = BackendSettings.resolve(args)
+        client = make_client(settings.label_studio_url, settings.api_key)
+        backend = ODISEBackend(settings)
+        backend.start_loading(background=False)
+        if backend.error:
+            raise ModelLoadFailed(backend.error)
+        summary = refresh_project(backend, client, args.project, workers=args.workers, progress=not args.no_progress)
+    except (SettingsError, ModelLoadFailed, LabelStudioAuthError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary.format())
+    return 1 if summary.failures or summary.delete_errors else 0
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:

@@ -24,14 +24,13 @@ from typing import Any, Callable, Sequence
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from backend.prelabel import (LOCAL_FILES_PREFIX, Failure, ImportFile, PrelabelSummary, _has_version, _Runner,
-                              image_url, list_images, project_tasks)
+from backend.prelabel import (LOCAL_FILES_PREFIX, Failure, ImportFile, PredictionWriter, PrelabelSummary, _has_version,
+                              _Runner, image_url, list_images, project_tasks)
 
 log = logging.getLogger(__name__)
 
 IN_FLIGHT_PER_WORKER = 2  # the next image waits in the actor's queue while the current one runs
 MAX_ATTEMPTS = 2  # an image that killed this many actors is listed as failed instead of killing more
-WRITE_BATCH = 32  # predictions per Label Studio import request
 ACTOR_PREFIX = "odise-prelabel"
 
 
@@ -228,49 +227,22 @@ def prelabel_folder_on_ray(settings: Any, label_config: str, folder: str | Path,
     return summary
 
 
-class PredictionWriter:
-    """Predictions sent to a Label Studio project in batches from the driver; a failed batch is listed."""
-
-    def __init__(self, client: Any, project_id: int, summary: RaySummary, batch: int = WRITE_BATCH):
-        self.client, self.project_id, self.summary, self.batch = client, project_id, summary, batch
-        self.pending: list[tuple[dict[str, Any], dict[str, Any]]] = []
-
-    def add(self, task: dict[str, Any], prediction: dict[str, Any]) -> None:
-        self.pending.append((task, prediction))
-        if len(self.pending) >= self.batch:
-            self.flush()
-
-    def flush(self) -> None:
-        from label_studio_sdk import PredictionRequest
-
-        batch, self.pending = self.pending, []
-        if not batch:
-            return
-        request = [PredictionRequest(task=int(t["id"]), result=p["result"], score=p.get("score"),
-                                     model_version=p["model_version"]) for t, p in batch]
-        try:
-            self.client.projects.import_predictions(id=self.project_id, request=request)
-        except Exception as e:  # noqa: BLE001 - listed; the tasks have no prediction, so the next run redoes them
-            self.summary.predicted -= len(batch)
-            self.summary.failures += [Failure(f"task {t['id']}", f"writing to Label Studio failed: "
-                                              f"{type(e).__name__}: {e}") for t, _ in batch]
-            log.warning("writing %d prediction(s) to Label Studio failed: %s", len(batch), e)
-
-
 def prelabel_project_on_ray(settings: Any, client: Any, project_id: int, workers: int = 2,
                             gpus_per_worker: float = 0.0, progress: bool = True) -> RaySummary:
-    """`backend.prelabel.prelabel_project` on Ray actors; predictions are written in batches of WRITE_BATCH."""
+    """`backend.prelabel.prelabel_project` on Ray actors; predictions are written in batches (PredictionWriter)."""
     project = client.projects.get(id=project_id)
     tasks = project_tasks(client, project_id)
     pool = WorkerPool(settings, project.label_config, str(project_id), workers, gpus_per_worker)
     try:
         todo = [t for t in tasks if not _has_version(t.get("predictions"), pool.version)]
         summary = RaySummary(total=len(tasks), skipped=len(tasks) - len(todo), model_version=pool.version)
-        writer = PredictionWriter(client, project_id, summary)
+        writer = PredictionWriter(client, project_id)
         try:
             distribute(pool, todo, lambda t: f"task {t['id']}", writer.add, summary, progress)
         finally:
             writer.flush()
+            summary.predicted -= len(writer.failures)
+            summary.failures += writer.failures
     finally:
         pool.shutdown()
     return summary

@@ -26,6 +26,7 @@ loaders as fields of the model configuration.
 | FEATURE_CACHE_MB | --feature-cache-mb | 16384 | disk for cached backbone features (0 disables), LRU |
 | FEATURE_CACHE_DTYPE | --feature-cache-dtype | fp16 | storage of cached features: fp16, bf16 or fp32 (exact) |
 | FEATURE_CACHE_DIR | --feature-cache-dir | MODEL_DIR/feature_cache | where cached features live |
+| REFRESH_ON_PROMOTE | (serve) --refresh-on-promote | auto | re-predict a project's tasks after a promotion: auto (when Label Studio URL and key are known), true, false |
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ DEFAULT_FEATURE_CACHE_MB = 16384.0
 FEATURE_CACHE_DTYPES = ("fp16", "bf16", "fp32")
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off", "")
+REFRESH_CHOICES = ("auto", "true", "false")
 
 
 class SettingsError(ValueError):
@@ -106,6 +108,7 @@ class BackendSettings:
     feature_cache_mb: float = DEFAULT_FEATURE_CACHE_MB
     feature_cache_dtype: str = "fp16"
     feature_cache_dir: Path | None = None  # None: model_dir / "feature_cache"
+    refresh_on_promote: str = "auto"  # auto | true | false: see refresh_enabled
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "BackendSettings":
@@ -145,6 +148,7 @@ class BackendSettings:
             feature_cache_mb=_env_number(env, "FEATURE_CACHE_MB", float, d.feature_cache_mb),
             feature_cache_dtype=env.get("FEATURE_CACHE_DTYPE") or d.feature_cache_dtype,
             feature_cache_dir=Path(env["FEATURE_CACHE_DIR"]) if env.get("FEATURE_CACHE_DIR") else None,
+            refresh_on_promote=_refresh_word(env.get("REFRESH_ON_PROMOTE") or d.refresh_on_promote),
         )
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(overrides) - names
@@ -180,6 +184,14 @@ class BackendSettings:
             raise SettingsError(f"MAX_REQUEST_MB={self.max_request_mb:g} must be above 0")
         if self.feature_cache_mb < 0:
             raise SettingsError(f"FEATURE_CACHE_MB={self.feature_cache_mb:g} must be 0 (off) or more")
+        self.refresh_on_promote = _refresh_word(self.refresh_on_promote)
+
+    def refresh_enabled(self, label_studio_known: bool) -> bool:
+        """Whether a promotion starts a refresh of the project's predictions (REFRESH_ON_PROMOTE):
+        "auto" when the Label Studio URL and key are known (from settings or /setup), else as set."""
+        if self.refresh_on_promote == "auto":
+            return label_studio_known
+        return self.refresh_on_promote == "true"
 
     def model_config(self) -> Any:
         """The odise_core ModelConfig these settings ask for (a fresh copy of the preset, changed)."""
@@ -231,6 +243,17 @@ class BackendSettings:
         if self.feature_cache_mb > 0 and self.feature_cache_dtype != "fp32":
             shaping["feature_storage"] = self.feature_cache_dtype
         return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:6]
+
+
+def _refresh_word(value: str) -> str:
+    """REFRESH_ON_PROMOTE as "auto", "true" or "false" (any yes/no word is accepted for the last two)."""
+    word = str(value).strip().lower()
+    if word == "auto":
+        return word
+    try:
+        return "true" if parse_bool(word, "REFRESH_ON_PROMOTE") else "false"
+    except SettingsError:
+        raise SettingsError(f"REFRESH_ON_PROMOTE={value!r} is not one of {', '.join(REFRESH_CHOICES)}") from None
 
 
 def build_model(settings: BackendSettings) -> Any:

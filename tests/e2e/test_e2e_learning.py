@@ -79,7 +79,12 @@ def _retrieve_predictions(ls: Any, pid: int, task_ids: list[int]) -> list[dict]:
         r = api.post(f"{ls.url}/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": pid},
                      json={"selectedItems": {"all": False, "included": task_ids[i:i + 2]}}, timeout=300)
         assert r.status_code == 200, r.text
-    r = api.get(f"{ls.url}/api/predictions", params={"project": pid}, timeout=30)
+    return project_predictions(ls, pid)
+
+
+def project_predictions(ls: Any, pid: int) -> list[dict]:
+    """Every prediction Label Studio stores for the project."""
+    r = ls.api().get(f"{ls.url}/api/predictions", params={"project": pid}, timeout=30)
     assert r.status_code == 200, r.text
     return r.json()
 
