@@ -292,3 +292,13 @@ def test_cache_command_shows_and_clears(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("FEATURE_CACHE_MB", "lots")
     assert main(["cache"]) == 2
     assert "FEATURE_CACHE_MB='lots' is not a number" in capsys.readouterr().err
+
+
+def test_fine_tune_candidates_and_served_versions_share_the_feature_cache(tiny, tmp_path):
+    from backend.learning.serving import copy_sharing_frozen
+
+    tiny.feature_cache = FeatureCache(tmp_path, max_bytes=10**6)
+    try:
+        assert copy_sharing_frozen(tiny).feature_cache is tiny.feature_cache
+    finally:
+        tiny.feature_cache = None
