@@ -20,7 +20,6 @@ with one worker and several threads (each worker holds its own model).
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from typing import Any
@@ -95,15 +94,13 @@ def create_app(backend: ODISEBackend | None = None, settings: BackendSettings | 
                load: bool = True) -> Flask:
     """The WSGI app; builds an ODISEBackend from env vars unless one is given and starts loading its model.
 
-    `basic_auth` and `webhook_secret` default to BASIC_AUTH_USER/BASIC_AUTH_PASS and the backend's settings.
+    `basic_auth` and `webhook_secret` default to the backend's settings (BASIC_AUTH_USER/PASS, WEBHOOK_SECRET).
     """
     if backend is None:
         backend = ODISEBackend(settings or BackendSettings.from_env())
         if load:
             backend.start_loading(background=True)
-    if basic_auth is None and os.environ.get("BASIC_AUTH_USER") and os.environ.get("BASIC_AUTH_PASS"):
-        basic_auth = (os.environ["BASIC_AUTH_USER"], os.environ["BASIC_AUTH_PASS"])
-    auth = RequestAuth(basic_auth, webhook_secret or backend.settings.webhook_secret)
+    auth = RequestAuth(basic_auth or backend.settings.basic_auth, webhook_secret or backend.settings.webhook_secret)
     for warning in auth.warnings():
         log.warning("%s", warning)
     if auth.webhook_secret and not auth.enabled:

@@ -5,9 +5,10 @@ import argparse
 import logging
 import sys
 
+from backend.flags import add_feature_cache_flags, add_model_dir_flag, add_model_flags, add_training_flags
 from backend.learning_cli import add_commands as add_learning_commands
 from backend.ls_client import LabelStudioAuthError, add_label_studio_flags
-from backend.settings import SettingsError, add_feature_cache_flags, add_model_dir_flag, add_model_flags
+from backend.settings import SettingsError
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C
 
@@ -28,14 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
-    import os
-
     p = sub.add_parser("serve", help="run the Label Studio ML backend (HTTP); connect it in Settings > Model")
-    p.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"), help="bind address (env HOST)")
-    p.add_argument("--port", type=int, default=int(os.environ.get("PORT", "9090")), help="port (env PORT)")
+    p.add_argument("--host", help="bind address (env HOST, default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port, 0 for any free one (env PORT, default 9090)")
     add_model_dir_flag(p)
     add_label_studio_flags(p)
     add_model_flags(p)
+    add_training_flags(p, webhooks=True)
     p.add_argument("--refresh-on-promote", choices=["auto", "true", "false"],
                    help="after a promotion, re-predict the project's tasks stored with an older version: auto = "
                         "when the Label Studio URL and key are known (env REFRESH_ON_PROMOTE, default auto)")
@@ -60,8 +60,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         return 2
     backend = ODISEBackend(settings)
     backend.start_loading(background=True)
-    server = make_server(args.host, args.port, create_app(backend), threaded=True)
-    logging.getLogger("odise-ls").info("ODISE ML backend (%s) on http://%s:%d", settings.preset, args.host,
+    server = make_server(settings.host, settings.port, create_app(backend), threaded=True)
+    logging.getLogger("odise-ls").info("ODISE ML backend (%s) on http://%s:%d", settings.preset, settings.host,
                                        server.port)
 
     def stop(signum: int, frame: object) -> None:

@@ -6,6 +6,7 @@ the preset, the trainable weights and a digest of the result-shaping settings.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import threading
@@ -16,7 +17,7 @@ from typing import Any, Callable
 
 from backend.interactive import InteractionError, parse_context
 from backend.interactive_predict import InteractivePredictor
-from backend.learning import JobManager, ServingModels
+from backend.learning import JobManager, ServingModels, run_finetune
 from backend.learning.refresh import RefreshManager, refresh_project
 from backend.label_config import ImageTarget, LabelConfigError, ProjectConfig, parse_label_config
 from backend.ls_format import image_regions, task_score
@@ -97,7 +98,9 @@ class ODISEBackend:
                                     max_bytes=int(self.settings.max_image_mb * 2 ** 20),
                                     allow_local_paths=self.settings.allow_local_paths)
         self._predict_lock = threading.Lock()
-        self.jobs = JobManager(self.settings.model_dir, on_promoted=self._on_promoted, model_lock=self._predict_lock)
+        self.jobs = JobManager(self.settings.model_dir, policy=self.settings.policy,
+                               finetune_fn=functools.partial(run_finetune, options=self.settings.finetune),
+                               on_promoted=self._on_promoted, model_lock=self._predict_lock)
         self.serving = ServingModels(self.jobs.store, self._require_model)
         self.refresher = RefreshManager(self.settings.model_dir, self.jobs.records, self._run_refresh)
         self.interactive = InteractivePredictor(QueryStateCache(int(self.settings.interactive_cache_mb * 2 ** 20)),

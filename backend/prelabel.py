@@ -370,10 +370,8 @@ def prelabel_tasks(backend: Any, client: Any, project_id: int, label_config: str
 # ----------------------------------------------------------------------------- command line
 def add_arguments(p: Any) -> None:
     """The `odise-ls prelabel` flags (model flags are added by the CLI)."""
-    import os
-
+    from backend.flags import add_model_dir_flag
     from backend.ls_client import add_label_studio_flags
-    from backend.settings import add_model_dir_flag
 
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--project", type=int, help="Label Studio project id: predictions are created on its tasks")
@@ -385,7 +383,7 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--kind", choices=["polygon", "brush", "rectangle"], default="polygon",
                    help="folder mode with --labels: the region type to predict")
     p.add_argument("--out", default="prelabel.json", help="folder mode: import JSON to write or extend")
-    p.add_argument("--document-root", default=os.environ.get("LOCAL_FILES_DOCUMENT_ROOT"),
+    p.add_argument("--document-root",
                    help="folder mode: Label Studio's local-files root on this machine (env LOCAL_FILES_DOCUMENT_ROOT; "
                         "default: the folder's parent)")
     p.add_argument("--url-prefix", default=LOCAL_FILES_PREFIX, help="folder mode: image URL prefix in the JSON")
@@ -427,7 +425,7 @@ def run_command(args: Any) -> PrelabelSummary:
     if client is not None:
         return prelabel_project(backend, client, args.project, **options)
     return prelabel_folder(backend, folder_label_config(args), args.folder, args.out,
-                           document_root=args.document_root, url_prefix=args.url_prefix, **options)
+                           document_root=settings.document_root, url_prefix=args.url_prefix, **options)
 
 
 def folder_label_config(args: Any) -> str:

@@ -255,5 +255,5 @@ def run_command(args: Any, settings: Any, client: Any, label_config: str | None)
     options = dict(workers=args.workers, gpus_per_worker=args.gpus_per_worker, progress=not args.no_progress)
     if client is not None:
         return prelabel_project_on_ray(settings, client, args.project, **options)
-    return prelabel_folder_on_ray(settings, label_config, args.folder, args.out, document_root=args.document_root,
+    return prelabel_folder_on_ray(settings, label_config, args.folder, args.out, document_root=settings.document_root,
                                   url_prefix=args.url_prefix, **options)

@@ -52,13 +52,12 @@ def child(preset: str, mode: str, width: int, height: int, device: str, output: 
     """Build, warm up, predict the big image once; figures in MB and seconds."""
     import torch
 
+    from backend.settings import build_model
     from odise_core.postprocess import DIRECT_BUDGET_BYTES
-    from odise_core.predictor import build_predictor
     from odise_core.vocabulary import TextEmbeddingCache, Vocabulary
 
     torch.manual_seed(0)
-    cfg = random_weights(preset)
-    model = build_predictor(cfg, device=device, text_cache=TextEmbeddingCache(None))
+    model = build_model(random_weights(preset, device), text_cache=TextEmbeddingCache(None))
     model.mask_budget_bytes = None if mode == "before" else DIRECT_BUDGET_BYTES
     vocab = Vocabulary.coco_panoptic()
     model.predict_raw(photo(640, 427), vocab)
@@ -66,7 +65,8 @@ def child(preset: str, mode: str, width: int, height: int, device: str, output: 
     model_rss = current_rss()
     with PeakMemory() as peak:
         raw = model.predict_raw(image, vocab, mode=output)
-    return {"mode": mode, "output": output, "preset": preset, "image": f"{width}x{height}", "queries": cfg.decoder.num_queries,
+    return {"mode": mode, "output": output, "preset": preset, "image": f"{width}x{height}",
+            "queries": model.cfg.decoder.num_queries,
             "classes": len(vocab), "device": str(model.device), "model_and_image_rss_mb": round(model_rss / 2**20),
             "peak_rss_mb": round(peak.peak_rss / 2**20),
             "above_model_mb": round((peak.peak_rss - model_rss) / 2**20), "seconds": round(peak.seconds, 1),

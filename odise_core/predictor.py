@@ -233,10 +233,12 @@ class ODISEPredictor:
 
 
 def build_predictor(cfg: ModelConfig, device: str | torch.device = "auto",
-                    text_cache: TextEmbeddingCache | None = None,
+                    text_cache: TextEmbeddingCache | None = None, network: type[ODISE] | None = None,
                     feature_cache: FeatureCache | None = None) -> ODISEPredictor:
     """The one way to build a predictor: the network with `cfg`'s weights on `device` ('auto': CUDA,
     MPS, CPU), SD cast as `cfg.precision` asks, reusing backbone features from `feature_cache` when given.
-    Fails at once, naming what is missing, without weights."""
-    return ODISEPredictor(ODISE.from_config(cfg, resolve_device(device), text_cache=text_cache),
+    Fails at once, naming what is missing, without weights.
+
+    `network` is ODISE or a subclass (the reference-equivalent baseline of the latency benchmark)."""
+    return ODISEPredictor((network or ODISE).from_config(cfg, resolve_device(device), text_cache=text_cache),
                           feature_cache=feature_cache)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import threading
 from pathlib import Path
 
 import pytest
@@ -71,7 +70,7 @@ def test_feature_cache_settings_resolve_flags_over_env_over_defaults(tmp_path):
     assert (flagged.root, flagged.enabled, flagged.storage) == (tmp_path / "g", False, "fp32")
     with pytest.raises(SettingsError, match="FEATURE_CACHE_DTYPE 'int8' is not one of fp16, bf16, fp32"):
         BackendSettings.from_env({"FEATURE_CACHE_DTYPE": "int8"})
-    with pytest.raises(SettingsError, match="FEATURE_CACHE_MB=-1 must be 0"):
+    with pytest.raises(SettingsError, match="FEATURE_CACHE_MB/--feature-cache-mb=-1 must be at least 0"):
         BackendSettings.from_env({"FEATURE_CACHE_MB": "-1"})
 
 
@@ -190,35 +189,14 @@ def test_train_honours_every_model_setting(built, tiny_model, coco_dir, tmp_path
     assert f"fine-tuning {_expected_version(tiny_model)} from base" in caplog.text
 
 
-def test_serve_honours_every_model_setting(built, tiny_model, tmp_path, monkeypatch):
-    import werkzeug.serving
-
-    answers: dict[str, object] = {}
-
-    class Server:
-        port = 0
-
-        def __init__(self, app):
-            self.app = app
-
-        def serve_forever(self):
-            client = self.app.test_client()
-            for _ in range(600):
-                if client.get("/health").get_json().get("model_state") == "ready":
-                    break
-                threading.Event().wait(0.05)
-            xml = '<View><Image name="image" value="$image"/><PolygonLabels name="label" toName="image">' \
-                  '<Label value="cat"/></PolygonLabels></View>'
-            answers["setup"] = client.post("/setup", json={"project": "1.1", "schema": xml}).get_json()
-            raise KeyboardInterrupt
-
-        def server_close(self):
-            answers["closed"] = True
-
-    monkeypatch.setattr(werkzeug.serving, "make_server", lambda host, port, app, threaded: Server(app))
-    assert main(["serve", "--model-dir", str(tmp_path / "models"), *FLAGS, "--weights-dir", str(tmp_path / "w")]) == 0
+def test_serve_honours_every_model_setting(built, tiny_model, tmp_path, serve_cli):
+    xml = '<View><Image name="image" value="$image"/><PolygonLabels name="label" toName="image">' \
+          '<Label value="cat"/></PolygonLabels></View>'
+    code, seen = serve_cli(["--model-dir", str(tmp_path / "models"), *FLAGS, "--weights-dir", str(tmp_path / "w")],
+                           lambda client: client.post("/setup", json={"project": "1.1", "schema": xml}).get_json())
+    assert code == 0
     _check_built(built, tmp_path / "w")
-    assert answers["setup"] == {"model_version": _expected_version(tiny_model)} and answers["closed"]
+    assert seen["answers"] == {"model_version": _expected_version(tiny_model)} and seen["closed"]
 
 
 def test_bf16_precision_on_cpu_predicts_close_to_fp32():

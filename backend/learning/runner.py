@@ -28,11 +28,12 @@ from filelock import Timeout
 
 from backend.learning.jobs import Job, JobRecords, job_outcome
 from backend.learning.locks import training_lock
-from backend.learning.policy import ANNOTATION_EVENTS, START_TRAINING, TrainPolicy
+from backend.learning.policy import ANNOTATION_EVENTS, START_TRAINING
 from backend.learning.promotion import evaluate_model, is_better
 from backend.learning.serving import copy_sharing_frozen, model_config
 from backend.learning.store import VersionStore
 from backend.learning.training import run_finetune
+from backend.settings import TrainPolicy
 from backend.training_data import TrainingData
 from odise_core.tools.evaluation import EvalResult
 

@@ -39,7 +39,7 @@ def test_promotion_refreshes_the_stored_predictions(label_studio: Any, backend_s
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     backend = backend_server.backend
     jobs = backend.jobs
-    _train_settings(jobs, monkeypatch, min_annotations=3, debounce=600.0)  # Start Training below, not webhooks
+    _train_settings(backend, monkeypatch, min_annotations=3, debounce=600.0)  # Start Training below, not webhooks
     api, url = label_studio.api(), label_studio.url
     r = api.post(f"{url}/api/projects", json={"title": "odise e2e refresh",
                                               "label_config": make_label_config(VOCAB, kind="polygon")}, timeout=30)
