@@ -246,7 +246,9 @@ class BackendSettings:
                   ("ODISE_TRAIN_LR/--lr", f.lr, f.lr > 0, "above 0"),
                   ("ODISE_TRAIN_BATCH/--batch-size", f.batch_size, f.batch_size >= 1, "at least 1"),
                   ("ODISE_TRAIN_VIEWS/--views", f.views_per_image, f.views_per_image >= 1, "at least 1"),
-                  ("ODISE_TRAIN_POINTS/--points", f.num_points, f.num_points >= 1, "at least 1"))
+                  ("ODISE_TRAIN_POINTS/--points", f.num_points, f.num_points >= 1, "at least 1"),
+                  ("FEATURE_CACHE_MB/--feature-cache-mb", self.feature_cache_mb, self.feature_cache_mb >= 0,
+                   "at least 0 (0 disables it)"))
         for name, value, ok, rule in limits:
             if not ok:
                 raise SettingsError(f"{name}={value:g} must be {rule}")
