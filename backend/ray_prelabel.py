@@ -167,8 +167,7 @@ class WorkerPool:
         self._args = (settings, label_config, project, threads, model_factory)
         self._run = uuid.uuid4().hex[:8]
         self._started = 0
-        self.actors: list[Any] = []
-        self.actors = [self._start() for _ in range(workers)]
+        self.actors: list[Any] = [self._start() for _ in range(workers)]
         self.version = self._agreed_version()
 
     def _start(self) -> Any:

@@ -7,8 +7,9 @@ the same images, in the same run. With `--repeat R` the runs are interleaved (ro
 a different configuration), so a slow spell on a shared machine hits every configuration; each
 figure is then the median over the rounds, and ratios are taken within a round.
 
-Printed per configuration: images/s, the actors' CPU seconds per image and how busy they were
-(share of the wall time spent in `predict`), and for Ray the driver's CPU per image. Also the
+Printed per configuration: images/s, the actors' CPU seconds per image, the cores they got (CPU
+seconds per second: on a shared machine, what bounds the ratio), how busy they were (share of the
+wall time spent in `predict`), and for Ray the driver's CPU per image. Also the
 actors' start-up (model build), their peak RSS, the ratio of N workers to 1, and the 1-worker run's
 wall-clock overhead per image over the single process (dispatch, transfer and bookkeeping that
 the actor's queue does not hide).
@@ -31,6 +32,7 @@ import logging
 import os
 import resource
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -72,6 +74,11 @@ def load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def progress(line: str) -> None:
+    """A line on stderr as each step ends: a full-preset run takes long, and what ended is worth knowing."""
+    print(f"[{time.strftime('%H:%M:%S')}, load {load()}] {line}", file=sys.stderr, flush=True)
+
+
 class Bench:
     """The models (one single-process backend, one actor pool per worker count) and the timed runs."""
 
@@ -88,6 +95,7 @@ class Bench:
         self.backend: ODISEBackend | None = None
         self.pools: dict[int, WorkerPool] = {}
         self.startup: dict[int, float] = {}
+        self.first_image: dict[int, float] = {}
 
     def build_single(self) -> None:
         self.backend = ODISEBackend(self.settings, model_factory=self.factory)
@@ -102,8 +110,11 @@ class Bench:
         pool = WorkerPool(self.settings, self.xml, None, workers, cpus_per_worker=self.args.cpus_per_worker,
                           model_factory=self.factory)
         self.startup[workers] = time.perf_counter() - t0
-        ray = import_ray()
-        ray.get([actor.predict.remote(self.warm_task) for actor in pool.actors])
+        progress(f"{workers} actor(s) built their models in {self.startup[workers]:.1f} s")
+        t0 = time.perf_counter()
+        import_ray().get([actor.predict.remote(self.warm_task) for actor in pool.actors])
+        self.first_image[workers] = time.perf_counter() - t0
+        progress(f"{workers} actor(s) answered their first (warm-up) image in {self.first_image[workers]:.1f} s")
         self.pools[workers] = pool
 
     def run(self, config: str | int) -> dict[str, Any]:
@@ -115,7 +126,8 @@ class Bench:
             cpu0 = time.process_time()
             summary = prelabel_folder(self.backend, self.xml, self.folder, out, progress=False)
             cpu = time.process_time() - cpu0
-            row = {"actor_cpu_s_per_image": round(cpu / n, 3), "busy": None, "driver_cpu_ms_per_image": None}
+            row = {"actor_cpu_s_per_image": round(cpu / n, 3), "cores": round(cpu / summary.seconds, 3), "busy": None,
+                   "driver_cpu_ms_per_image": None}
         else:
             pool = self.pools[config]
             before = {w.pid: w for w in pool.stats(pool.actors)}
@@ -125,9 +137,11 @@ class Bench:
             after = summary.worker_stats
             busy = sum(w.busy_seconds - before[w.pid].busy_seconds for w in after)
             actor_cpu = sum(w.cpu_seconds - before[w.pid].cpu_seconds for w in after)
-            row = {"actor_cpu_s_per_image": round(actor_cpu / n, 3), "busy": round(busy / (config * summary.seconds), 3),
+            row = {"actor_cpu_s_per_image": round(actor_cpu / n, 3), "cores": round(actor_cpu / summary.seconds, 3),
+                   "busy": round(busy / (config * summary.seconds), 3),
                    "driver_cpu_ms_per_image": round(1000 * cpu / n, 1)}
         assert summary.predicted == n and not summary.failures, summary.format()
+        progress(f"{config}: {summary.images_per_second:.3f} images/s")
         return {"images_per_s": round(summary.images_per_second, 4), "seconds": round(summary.seconds, 3), **row}
 
 
@@ -174,7 +188,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     one = rounds.get(1)
     for workers in args.workers:
         row = {"workers": workers, **median_row(rounds[workers]), "startup_s": round(bench.startup[workers], 2),
-               "actor_peak_rss_mb": round(peak[workers])}
+               "first_image_s": round(bench.first_image[workers], 2), "actor_peak_rss_mb": round(peak[workers])}
         if one:
             row["ratio_to_1_worker"] = round(statistics.median(
                 r["images_per_s"] / o["images_per_s"] for r, o in zip(rounds[workers], one)), 3)
@@ -193,13 +207,15 @@ def report(results: dict[str, Any]) -> None:
     single = results.get("single")
     if single:
         print(f"single process: {single['images_per_s']:.3f} images/s (rounds {single['rounds_images_per_s']}), "
-              f"CPU {single['actor_cpu_s_per_image']:.3f} s/image, peak RSS {single['peak_rss_mb']} MB")
+              f"CPU {single['actor_cpu_s_per_image']:.3f} s/image on {single['cores']:.2f} cores, "
+              f"peak RSS {single['peak_rss_mb']} MB")
     for r in results["ray"]:
         ratio = f" (x{r['ratio_to_1_worker']} vs 1)" if "ratio_to_1_worker" in r else ""
         print(f"ray {r['workers']} worker(s): {r['images_per_s']:.3f} images/s{ratio} (rounds "
-              f"{r['rounds_images_per_s']}), actor CPU {r['actor_cpu_s_per_image']:.3f} s/image, busy "
-              f"{100 * r['busy']:.0f}%, driver CPU {r['driver_cpu_ms_per_image']:.1f} ms/image, start-up "
-              f"{r['startup_s']:.1f} s, actor peak RSS {r['actor_peak_rss_mb']} MB")
+              f"{r['rounds_images_per_s']}), actor CPU {r['actor_cpu_s_per_image']:.3f} s/image on "
+              f"{r['cores']:.2f} cores, busy {100 * r['busy']:.0f}%, driver CPU {r['driver_cpu_ms_per_image']:.1f} "
+              f"ms/image, start-up {r['startup_s']:.1f} s, first image {r['first_image_s']:.1f} s, "
+              f"actor peak RSS {r['actor_peak_rss_mb']} MB")
     if "ray_1_worker_overhead_ms_per_image" in results:
         print(f"ray 1 worker vs single process: {results['ray_1_worker_overhead_ms_per_image']:+.1f} ms/image")
 

@@ -19,7 +19,7 @@ from backend.prelabel import ImportFile, prelabel_folder, prelabel_project
 from odise_core.vocabulary import Vocabulary
 
 from backend.cli import build_parser
-from backend.ray_prelabel import (ACTOR_PREFIX, RayUnavailable, import_ray, prelabel_folder_on_ray,
+from backend.ray_prelabel import (ACTOR_PREFIX, RayUnavailable, WorkerPool, import_ray, prelabel_folder_on_ray,
                                   prelabel_project_on_ray)
 
 XML = make_label_config(Vocabulary.from_text("person,cat,cup,sky"), kind="polygon")
@@ -204,6 +204,12 @@ def test_without_ray_the_error_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(RayUnavailable, match=r"pip install 'odise-label-studio\[ray\]'"):
         import_ray()
+
+
+@pytest.mark.parametrize("workers, cpus, gpus", [(0, 1, 0), (1, 0, 0), (1, 1, -1)])
+def test_a_pool_refuses_resources_no_actor_could_use(settings, workers, cpus, gpus):
+    with pytest.raises(ValueError, match="--workers must be at least 1|--cpus-per-worker must be above 0"):
+        WorkerPool(settings, XML, None, workers, gpus_per_worker=gpus, cpus_per_worker=cpus)
 
 
 def test_settings_repr_hides_the_label_studio_key():
