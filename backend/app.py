@@ -6,7 +6,9 @@ POST /predict    {"tasks", "label_config", "project", "params": {"context"}} -> 
                  "model_version"}; a smart-tool context gets the region it points at (backend/interactive.py)
 POST /webhook    Label Studio webhooks; training events start fine-tune jobs
 POST /train      legacy training request (same as the START_TRAINING webhook)
-POST /job_status status of a project's training job
+POST /refresh    {"project"}: re-predict the project's tasks stored with an older model version (also
+                 started by every promotion when REFRESH_ON_PROMOTE allows it); answers the job
+POST /job_status status of a training or refresh job
 GET  /versions   model versions available to a project
 GET  /metrics    request counters and timings
 
@@ -18,7 +20,6 @@ with one worker and several threads (each worker holds its own model).
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from typing import Any
@@ -30,7 +31,7 @@ from backend.auth import WEBHOOK_SECRET_HEADER, WEBHOOK_SECRET_PARAM, RequestAut
 from backend.label_config import LabelConfigError
 from backend.model import BackendSettings, ModelLoadFailed, ModelNotReady, ODISEBackend
 from backend.protocol import (BadRequest, WebhookRequest, parse_json_object, project_id, read_job_status, read_predict,
-                              read_setup, read_train, read_webhook)
+                              read_refresh, read_setup, read_train, read_webhook)
 
 log = logging.getLogger(__name__)
 
@@ -93,15 +94,13 @@ def create_app(backend: ODISEBackend | None = None, settings: BackendSettings | 
                load: bool = True) -> Flask:
     """The WSGI app; builds an ODISEBackend from env vars unless one is given and starts loading its model.
 
-    `basic_auth` and `webhook_secret` default to BASIC_AUTH_USER/BASIC_AUTH_PASS and the backend's settings.
+    `basic_auth` and `webhook_secret` default to the backend's settings (BASIC_AUTH_USER/PASS, WEBHOOK_SECRET).
     """
     if backend is None:
         backend = ODISEBackend(settings or BackendSettings.from_env())
         if load:
             backend.start_loading(background=True)
-    if basic_auth is None and os.environ.get("BASIC_AUTH_USER") and os.environ.get("BASIC_AUTH_PASS"):
-        basic_auth = (os.environ["BASIC_AUTH_USER"], os.environ["BASIC_AUTH_PASS"])
-    auth = RequestAuth(basic_auth, webhook_secret or backend.settings.webhook_secret)
+    auth = RequestAuth(basic_auth or backend.settings.basic_auth, webhook_secret or backend.settings.webhook_secret)
     for warning in auth.warnings():
         log.warning("%s", warning)
     if auth.webhook_secret and not auth.enabled:
@@ -181,6 +180,7 @@ def create_app(backend: ODISEBackend | None = None, settings: BackendSettings | 
             body["model_version"] = backend.base_version
         if backend.error:
             body["error"] = backend.error
+        body["refresh"] = backend.refresher.overview()
         return jsonify(body)
 
     @app.post("/setup")
@@ -211,12 +211,21 @@ def create_app(backend: ODISEBackend | None = None, settings: BackendSettings | 
         except ValueError as e:
             raise BadRequest(str(e)) from e
 
+    @app.post("/refresh")
+    def refresh() -> Response:
+        project = read_refresh(_json_body())
+        try:
+            job = backend.start_refresh(project)
+        except ValueError as e:
+            raise BadRequest(str(e)) from e
+        return jsonify(job.as_dict()), 201
+
     @app.post("/job_status")
     def job_status() -> Response:
         job_id = read_job_status(_json_body())
         job = backend.find_job(job_id)
         if job is None:
-            return _error(f"no training job {job_id!r}", 410)
+            return _error(f"no training or refresh job {job_id!r}", 410)
         body = job.as_dict()
         body["job_status"] = {"done": "finished"}.get(job.state, job.state)
         return jsonify(body)

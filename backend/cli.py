@@ -5,9 +5,10 @@ import argparse
 import logging
 import sys
 
+from backend.flags import add_feature_cache_flags, add_model_dir_flag, add_model_flags, add_training_flags
 from backend.learning_cli import add_commands as add_learning_commands
 from backend.ls_client import LabelStudioAuthError, add_label_studio_flags
-from backend.settings import SettingsError, add_model_dir_flag, add_model_flags
+from backend.settings import SettingsError
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C
 
@@ -20,20 +21,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_label_config(sub)
     _add_predict(sub)
     _add_prelabel(sub)
+    _add_refresh(sub)
     _add_export(sub)
     add_learning_commands(sub)
+    _add_cache(sub)
     return parser
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
-    import os
-
     p = sub.add_parser("serve", help="run the Label Studio ML backend (HTTP); connect it in Settings > Model")
-    p.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"), help="bind address (env HOST)")
-    p.add_argument("--port", type=int, default=int(os.environ.get("PORT", "9090")), help="port (env PORT)")
+    p.add_argument("--host", help="bind address (env HOST, default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port, 0 for any free one (env PORT, default 9090)")
     add_model_dir_flag(p)
     add_label_studio_flags(p)
     add_model_flags(p)
+    add_training_flags(p, webhooks=True)
+    p.add_argument("--refresh-on-promote", choices=["auto", "true", "false"],
+                   help="after a promotion, re-predict the project's tasks stored with an older version: auto = "
+                        "when the Label Studio URL and key are known (env REFRESH_ON_PROMOTE, default auto)")
     p.set_defaults(func=_run_serve)
 
 
@@ -55,8 +60,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         return 2
     backend = ODISEBackend(settings)
     backend.start_loading(background=True)
-    server = make_server(args.host, args.port, create_app(backend), threaded=True)
-    logging.getLogger("odise-ls").info("ODISE ML backend (%s) on http://%s:%d", settings.preset, args.host,
+    server = make_server(settings.host, settings.port, create_app(backend), threaded=True)
+    logging.getLogger("odise-ls").info("ODISE ML backend (%s) on http://%s:%d", settings.preset, settings.host,
                                        server.port)
 
     def stop(signum: int, frame: object) -> None:
@@ -70,7 +75,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
         server.server_close()
-        backend.jobs.shutdown(timeout=10)
+        backend.shutdown(timeout=10)
     return 0
 
 
@@ -127,6 +132,39 @@ def _run_prelabel(args: argparse.Namespace) -> int:
     if summary.interrupted:
         return EXIT_INTERRUPTED
     return 1 if summary.failures else 0
+
+
+def _add_refresh(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("refresh", help="re-predict a project's tasks stored with an older model version of this "
+                                       "backend, and delete those older predictions (what a promotion starts)")
+    p.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    add_label_studio_flags(p)
+    add_model_dir_flag(p, "fine-tuned model versions; the project's promoted version predicts")
+    p.add_argument("--workers", type=int, default=2, help="image fetching threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_model_flags(p)
+    p.set_defaults(func=_run_refresh)
+
+
+def _run_refresh(args: argparse.Namespace) -> int:
+    from backend.learning.refresh import refresh_project
+    from backend.ls_client import make_client
+    from backend.model import ModelLoadFailed, ODISEBackend
+    from backend.settings import BackendSettings
+
+    try:
+        settings = BackendSettings.resolve(args)
+        client = make_client(settings.label_studio_url, settings.api_key)
+        backend = ODISEBackend(settings)
+        backend.start_loading(background=False)
+        if backend.error:
+            raise ModelLoadFailed(backend.error)
+        summary = refresh_project(backend, client, args.project, workers=args.workers, progress=not args.no_progress)
+    except (SettingsError, ModelLoadFailed, LabelStudioAuthError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary.format())
+    return 1 if summary.failures or summary.delete_errors else 0
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
@@ -204,6 +242,43 @@ def _run_predict(args: argparse.Namespace) -> int:
         (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
     print(f"{len(args.images) - failures} image(s) written to {out}, {failures} failed", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _add_cache(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cache", help="show (default) or clear the backbone feature cache")
+    p.add_argument("action", nargs="?", choices=["show", "clear"], default="show")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    add_model_dir_flag(p, "fine-tuned model versions; the feature cache defaults to MODEL_DIR/feature_cache")
+    add_feature_cache_flags(p)
+    p.set_defaults(func=_run_cache)
+
+
+def _run_cache(args: argparse.Namespace) -> int:
+    import json
+
+    from backend.settings import BackendSettings
+
+    try:
+        cache = BackendSettings.resolve(args).feature_cache()
+    except SettingsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    removed = cache.clear() if args.action == "clear" else None
+    stats = cache.stats()
+    if args.json:
+        print(json.dumps({**stats.to_dict(), **({"removed": removed} if removed is not None else {})}))
+        return 0
+    if removed is not None:
+        print(f"removed {removed} entries from {stats.root}")
+        return 0
+    mb = 2**20
+    print(f"feature cache {stats.root}\n"
+          f"  entries   {stats.entries}\n"
+          f"  size      {stats.bytes / mb:.1f} MB of {stats.max_bytes / mb:.0f} MB max"
+          f"{' (disabled)' if not stats.max_bytes else ''}\n"
+          f"  hit rate  {100 * stats.hit_rate:.1f}% ({stats.hits} hits, {stats.misses} misses)\n"
+          f"  storage   {stats.storage}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from backend.flags import add_model_dir_flag, add_model_flags, add_training_flags
 from backend.ls_client import LabelStudioAuthError, add_label_studio_flags
-from backend.settings import BackendSettings, add_model_dir_flag, add_model_flags, build_model
+from backend.settings import BackendSettings, build_model
 
 log = logging.getLogger("odise-ls")
 
@@ -54,9 +55,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="fine-tune on a project's annotations; promote if better on held-out data")
     _add_source_args(p)
     add_model_dir_flag(p)
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
-    p.add_argument("--holdout", type=float, default=0.2, help="fraction of annotated tasks held out for evaluation")
+    add_training_flags(p)
     add_model_flags(p)
     p.set_defaults(func=_run_train)
 
@@ -198,20 +197,18 @@ def _print_figures(r: Any) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from backend.learning import JobManager, ServingModels, TrainPolicy, run_finetune
-    from odise_core.training.finetune import FinetuneOptions
+    from backend.learning import JobManager, ServingModels, run_finetune
 
     source = _source(args)
     settings, model, base = _build_model(args)
-    options = FinetuneOptions(steps=args.steps, lr=args.lr)
-    manager = JobManager(settings.model_dir, policy=TrainPolicy(holdout_fraction=args.holdout),
-                         finetune_fn=functools.partial(run_finetune, options=options))
+    manager = JobManager(settings.model_dir, policy=settings.policy,
+                         finetune_fn=functools.partial(run_finetune, options=settings.finetune))
     serving = ServingModels(manager.store, lambda: model)
     log.info("project %s: fine-tuning %s from %s", source.key, base, serving.get(source.key)[0] or "base")
     try:
         job = manager.submit(source.key, source.fetch, functools.partial(serving.get, source.key), source.vocab,
                              reason="cli")
-        with tqdm(total=args.steps, desc="train", unit="step") as bar:
+        with tqdm(total=settings.finetune.steps, desc="train", unit="step") as bar:
             while not job.wait(0.5):
                 bar.set_postfix_str(job.state + (f" loss {job.loss:.3f}" if job.loss is not None else ""))
                 bar.update(job.step - bar.n)

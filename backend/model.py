@@ -6,6 +6,7 @@ the preset, the trainable weights and a digest of the result-shaping settings.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import threading
@@ -16,7 +17,8 @@ from typing import Any, Callable
 
 from backend.interactive import InteractionError, parse_context
 from backend.interactive_predict import InteractivePredictor
-from backend.learning import JobManager, ServingModels
+from backend.learning import JobManager, ServingModels, run_finetune
+from backend.learning.refresh import RefreshManager, refresh_project
 from backend.label_config import ImageTarget, LabelConfigError, ProjectConfig, parse_label_config
 from backend.ls_format import image_regions, task_score
 from backend.query_cache import QueryStateCache
@@ -96,8 +98,11 @@ class ODISEBackend:
                                     max_bytes=int(self.settings.max_image_mb * 2 ** 20),
                                     allow_local_paths=self.settings.allow_local_paths)
         self._predict_lock = threading.Lock()
-        self.jobs = JobManager(self.settings.model_dir, on_promoted=self._on_promoted, model_lock=self._predict_lock)
+        self.jobs = JobManager(self.settings.model_dir, policy=self.settings.policy,
+                               finetune_fn=functools.partial(run_finetune, options=self.settings.finetune),
+                               on_promoted=self._on_promoted, model_lock=self._predict_lock)
         self.serving = ServingModels(self.jobs.store, self._require_model)
+        self.refresher = RefreshManager(self.settings.model_dir, self.jobs.records, self._run_refresh)
         self.interactive = InteractivePredictor(QueryStateCache(int(self.settings.interactive_cache_mb * 2 ** 20)),
                                                 self._task_image, self._predict_lock, self.settings.result)
         self.state = ModelState.LOADING
@@ -129,6 +134,7 @@ class ODISEBackend:
                 self.state = ModelState.READY
             self.load_seconds = time.time() - self._load_started
             log.info("model %s ready in %.1f s", self.base_version, self.load_seconds)
+            self.resume_refreshes()
         except Exception as e:  # reported by /health, /setup and /predict rather than killing the server
             self.error = f"{type(e).__name__}: {e}"
             self.state = ModelState.FAILED
@@ -161,6 +167,42 @@ class ODISEBackend:
         self.serving.forget(project)
         self.interactive.cache.drop_project(str(project))
         log.info("project %s: next predictions use fine-tuned version %s", project, version)
+        if self.settings.refresh_enabled(self.label_studio_known):
+            self.refresher.start(project, reason=f"promoted {version}")
+
+    # ----------------------------------------------------------------- refreshing stored predictions
+    @property
+    def label_studio_known(self) -> bool:
+        """True once the Label Studio URL and key are known (settings or /setup)."""
+        return bool(self.fetcher.ls_url and self.fetcher.auth)
+
+    def start_refresh(self, project: Any, reason: str = "requested") -> Any:
+        """Start refreshing `project`'s stored predictions to the version serving it (backend.learning.refresh)."""
+        key = project_id_of(project)
+        if not key:
+            raise ValueError("refreshing needs a project id")
+        if not self.label_studio_known:
+            raise ValueError("refreshing predictions needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY "
+                             "(or a /setup call from Label Studio) to read and write them")
+        self._require_model()
+        return self.refresher.start(key, reason)
+
+    def resume_refreshes(self) -> None:
+        """Restart refreshes an earlier process (or a failure here) left unfinished, if refreshing is on."""
+        if self.state is not ModelState.READY or not self.settings.refresh_enabled(self.label_studio_known):
+            return
+        for project in self.refresher.pending():
+            self.refresher.start(project, reason="resumed")
+
+    def _run_refresh(self, job: Any) -> None:
+        if not self.label_studio_known:
+            raise ValueError("Label Studio URL and key are unknown: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
+        refresh_project(self, self.fetcher.auth.client(), int(job.project), job=job)
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop background work (refreshes, then fine-tunes) and wait for it; call before the process exits."""
+        self.refresher.shutdown(timeout)
+        self.jobs.shutdown(timeout)
 
     def model_version(self, project: str | None = None) -> str:
         """The version `project` is served with; cheap (no weights are loaded), as /setup must answer in 3 s."""
@@ -187,7 +229,9 @@ class ODISEBackend:
         """Validate the project's config (LabelConfigError if unusable) and return the model version."""
         self.parse_config(label_config)
         self.fetcher.configure(hostname, access_token)
-        return self.model_version(project_id_of(project))
+        version = self.model_version(project_id_of(project))
+        self.resume_refreshes()
+        return version
 
     def predict(self, tasks: list[dict], label_config: str, project: Any = None,
                 context: Any = None) -> tuple[list[dict], str]:
@@ -258,10 +302,9 @@ class ODISEBackend:
                                       lambda: self.serving.get(project_id), target.vocabulary)
 
     def find_job(self, job_id: str) -> Any:
-        """The training job with this id (as returned by /webhook, /train or the status payload), or None.
-
-        Ids stay answerable for the server's lifetime, and after a restart from MODEL_DIR/.jobs."""
-        return self.jobs.find(job_id)
+        """The training or refresh job with this id (as returned by /webhook, /train, /refresh or a status
+        payload), or None. Ids stay answerable for the server's lifetime, and after a restart from MODEL_DIR/.jobs."""
+        return self.refresher.find(job_id) or self.jobs.find(job_id)
 
     def _training_fetcher(self, project_id: int, target: ImageTarget) -> Callable[[float], Any]:
         from backend.training_data import build_training_data, fetch_annotated_tasks

@@ -30,6 +30,7 @@ T = TypeVar("T")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 LOCAL_FILES_PREFIX = "/data/local-files/?d="
 MAX_PREFETCH = 16  # read-ahead stays well inside the backend's image cache (32 images)
+WRITE_BATCH = 32  # predictions per Label Studio import request
 
 
 class PredictionError(RuntimeError):
@@ -88,11 +89,13 @@ class PrelabelSummary:
 
 def run_overlapped(items: Sequence[T], fetch: Callable[[T], Any], compute: Callable[[T, Any], None],
                    name: Callable[[T], str], workers: int = 2, prefetch: int = 4, progress: bool = True,
-                   desc: str = "prelabel") -> Progress:
+                   desc: str = "prelabel", stop: Callable[[], bool] | None = None,
+                   on_item: Callable[[Progress], None] | None = None) -> Progress:
     """Run `fetch` on a thread pool up to `prefetch` items ahead while `compute` runs here, in order.
 
-    A failing fetch or compute is recorded and the run goes on. Ctrl-C (KeyboardInterrupt) abandons
-    the item in flight, cancels the read-ahead and returns with `interrupted` set.
+    A failing fetch or compute is recorded and the run goes on. Ctrl-C (KeyboardInterrupt), or
+    `stop()` turning true before the next item, abandons the rest, cancels the read-ahead and
+    returns with `interrupted` set. `on_item(progress)` is called after every item (a live view).
     """
     result = Progress()
     ahead = max(1, min(prefetch, MAX_PREFETCH))
@@ -112,6 +115,9 @@ def run_overlapped(items: Sequence[T], fetch: Callable[[T], Any], compute: Calla
 
             refill()
             while pending:
+                if stop is not None and stop():
+                    result.interrupted = True
+                    break
                 item, future = pending.popleft()
                 refill()
                 try:
@@ -123,6 +129,9 @@ def run_overlapped(items: Sequence[T], fetch: Callable[[T], Any], compute: Calla
                     log.warning("%s failed: %s", name(item), e)
                 bar.update(1)
                 bar.set_postfix(failed=len(result.failures), refresh=False)
+                if on_item is not None:
+                    result.seconds = time.perf_counter() - start
+                    on_item(result)
     except KeyboardInterrupt:
         result.interrupted = True
         log.warning("interrupted: the item in flight is abandoned, %d done so far are kept", result.done)
@@ -274,6 +283,42 @@ def project_tasks(client: Any, project_id: int) -> list[dict[str, Any]]:
     return out
 
 
+class PredictionWriter:
+    """Predictions sent to a Label Studio project in batches; a failed batch is listed in `failures`, not raised.
+
+    `on_written(batch)` runs after each batch Label Studio accepted, with its (task, prediction) pairs.
+    """
+
+    def __init__(self, client: Any, project_id: int, batch: int = WRITE_BATCH,
+                 on_written: Callable[[list[tuple[dict[str, Any], dict[str, Any]]]], None] | None = None):
+        self.client, self.project_id, self.batch, self.on_written = client, project_id, max(1, batch), on_written
+        self.pending: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        self.failures: list[Failure] = []
+
+    def add(self, task: dict[str, Any], prediction: dict[str, Any]) -> None:
+        self.pending.append((task, prediction))
+        if len(self.pending) >= self.batch:
+            self.flush()
+
+    def flush(self) -> None:
+        from label_studio_sdk import PredictionRequest
+
+        batch, self.pending = self.pending, []
+        if not batch:
+            return
+        request = [PredictionRequest(task=int(t["id"]), result=p["result"], score=p.get("score"),
+                                     model_version=p["model_version"]) for t, p in batch]
+        try:
+            self.client.projects.import_predictions(id=self.project_id, request=request)
+        except Exception as e:  # noqa: BLE001 - listed; the tasks have no prediction, so the next run redoes them
+            self.failures += [Failure(f"task {t['id']}", f"writing to Label Studio failed: {type(e).__name__}: {e}")
+                              for t, _ in batch]
+            log.warning("writing %d prediction(s) to Label Studio failed: %s", len(batch), e)
+            return
+        if self.on_written is not None:
+            self.on_written(batch)
+
+
 def prelabel_project(backend: Any, client: Any, project_id: int, workers: int = 2, prefetch: int = 4,
                      progress: bool = True) -> PrelabelSummary:
     """Create a prediction on every task of the project that has none of the serving model version.
@@ -282,20 +327,41 @@ def prelabel_project(backend: Any, client: Any, project_id: int, workers: int = 
     there is one (as the server would use), else the base model.
     """
     project = client.projects.get(id=project_id)
-    config = backend.parse_config(project.label_config)
     version, model = backend.model_for(str(project_id))
-    tasks = project_tasks(client, project_id)
+    return prelabel_tasks(backend, client, project_id, project.label_config, project_tasks(client, project_id),
+                          version, model, workers=workers, prefetch=prefetch, progress=progress)
+
+
+def prelabel_tasks(backend: Any, client: Any, project_id: int, label_config: str, tasks: list[dict[str, Any]],
+                   version: str, model: Any, workers: int = 2, prefetch: int = 4, progress: bool = True,
+                   writer: PredictionWriter | None = None, stop: Callable[[], bool] | None = None,
+                   on_item: Callable[[PrelabelSummary], None] | None = None) -> PrelabelSummary:
+    """Predict `tasks` of the project that have no prediction of `version` with `model`, written in batches.
+
+    `writer` (default: a plain PredictionWriter) sends the predictions; `stop` and `on_item` are
+    run_overlapped's (cancellation, and a live summary after every task).
+    """
+    config = backend.parse_config(label_config)
     todo = [t for t in tasks if not _has_version(t.get("predictions"), version)]
     summary = PrelabelSummary(total=len(tasks), skipped=len(tasks) - len(todo), model_version=version)
     runner = _Runner(backend, config, model, version)
+    writer = writer or PredictionWriter(client, project_id)
 
     def compute(task: dict[str, Any], _: None) -> None:
-        prediction = runner.predict(task)
-        client.predictions.create(task=int(task["id"]), result=prediction["result"], score=prediction.get("score"),
-                                  model_version=version)
+        writer.add(task, runner.predict(task))
 
-    summary.record(run_overlapped(todo, runner.fetch, compute, name=lambda t: f"task {t['id']}", workers=workers,
-                                  prefetch=prefetch, progress=progress))
+    def report(progress: Progress) -> None:
+        summary.record(progress)
+        if on_item is not None:
+            on_item(summary)
+
+    try:
+        report(run_overlapped(todo, runner.fetch, compute, name=lambda t: f"task {t['id']}", workers=workers,
+                              prefetch=prefetch, progress=progress, stop=stop, on_item=report))
+    finally:
+        writer.flush()
+    summary.predicted -= len(writer.failures)
+    summary.failures += writer.failures
     if summary.interrupted:
         summary.resume = f"The {summary.predicted} prediction(s) made are saved in project {project_id}."
     return summary
@@ -304,10 +370,8 @@ def prelabel_project(backend: Any, client: Any, project_id: int, workers: int = 
 # ----------------------------------------------------------------------------- command line
 def add_arguments(p: Any) -> None:
     """The `odise-ls prelabel` flags (model flags are added by the CLI)."""
-    import os
-
+    from backend.flags import add_model_dir_flag
     from backend.ls_client import add_label_studio_flags
-    from backend.settings import add_model_dir_flag
 
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--project", type=int, help="Label Studio project id: predictions are created on its tasks")
@@ -319,7 +383,7 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--kind", choices=["polygon", "brush", "rectangle"], default="polygon",
                    help="folder mode with --labels: the region type to predict")
     p.add_argument("--out", default="prelabel.json", help="folder mode: import JSON to write or extend")
-    p.add_argument("--document-root", default=os.environ.get("LOCAL_FILES_DOCUMENT_ROOT"),
+    p.add_argument("--document-root",
                    help="folder mode: Label Studio's local-files root on this machine (env LOCAL_FILES_DOCUMENT_ROOT; "
                         "default: the folder's parent)")
     p.add_argument("--url-prefix", default=LOCAL_FILES_PREFIX, help="folder mode: image URL prefix in the JSON")
@@ -363,7 +427,7 @@ def run_command(args: Any) -> PrelabelSummary:
     if client is not None:
         return prelabel_project(backend, client, args.project, **options)
     return prelabel_folder(backend, folder_label_config(args), args.folder, args.out,
-                           document_root=args.document_root, url_prefix=args.url_prefix, **options)
+                           document_root=settings.document_root, url_prefix=args.url_prefix, **options)
 
 
 def folder_label_config(args: Any) -> str:

@@ -6,6 +6,7 @@ Label Studio sends (ml/api_connector.py, webhooks/utils.py):
              "params": {"login", "password", "context": interactive clicks/boxes/text or null}}
   /webhook  {"action": "ANNOTATION_CREATED" | "START_TRAINING" | ..., "project": {"id", "label_config", ...}, ...}
   /train    {"annotations": [...], "project": "<id>.<created>", "label_config": xml, "params"}
+and this backend's own /refresh takes {"project": id}.
 Every reader returns the fields the backend uses, typed, or raises BadRequest with the HTTP status and a
 message naming what is wrong, so malformed input gets a 4xx instead of a crash deep in the model.
 Fields the backend does not use (extra_params, login/password, annotations of /train) only have to be JSON.
@@ -174,6 +175,14 @@ def read_train(data: dict[str, Any]) -> WebhookRequest:
     label_config = _string(data, "label_config", "the project's label config XML")
     return WebhookRequest(action="START_TRAINING",
                           payload={"project": {"id": int(project), "label_config": label_config}})
+
+
+def read_refresh(data: dict[str, Any]) -> str:
+    """/refresh: the project whose stored predictions to bring to the version serving it."""
+    project = project_id(data.get("project"), "project")
+    if project is None:
+        raise BadRequest('"project" (a project id or Label Studio\'s "<id>.<timestamp>") is required')
+    return project
 
 
 def read_job_status(data: dict[str, Any]) -> str:

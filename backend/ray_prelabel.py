@@ -28,14 +28,13 @@ from typing import Any, Callable, Sequence
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from backend.prelabel import (LOCAL_FILES_PREFIX, Failure, ImportFile, PrelabelSummary, _has_version, _Runner,
-                              image_url, list_images, project_tasks)
+from backend.prelabel import (LOCAL_FILES_PREFIX, Failure, ImportFile, PredictionWriter, PrelabelSummary, _has_version,
+                              _Runner, image_url, list_images, project_tasks)
 
 log = logging.getLogger(__name__)
 
 IN_FLIGHT_PER_WORKER = 2  # the next image waits in the actor's queue while the current one runs
 MAX_ATTEMPTS = 2  # an image that killed this many actors is listed as failed instead of killing more
-WRITE_BATCH = 32  # predictions per Label Studio import request
 ACTOR_PREFIX = "odise-prelabel"
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
@@ -89,15 +88,14 @@ class WorkerStats:
 class PrelabelWorker:
     """One model in one Ray actor: the single-process path's backend, config and model, built once."""
 
-    def __init__(self, settings: Any, label_config: str, project: str | None, threads: int = 1,
-                 model_factory: Callable[[Any], Any] | None = None):
+    def __init__(self, settings: Any, label_config: str, project: str | None, threads: int = 1):
         import torch
 
         from backend.model import ModelLoadFailed, ODISEBackend
 
         torch.set_num_threads(threads)
         logging.getLogger("backend.model").setLevel(logging.WARNING)  # a line per task would flood the driver
-        backend = ODISEBackend(settings, model_factory=model_factory)
+        backend = ODISEBackend(settings)
         backend.start_loading(background=False)
         if backend.error:
             raise ModelLoadFailed(backend.error)
@@ -151,8 +149,7 @@ class WorkerPool:
     """
 
     def __init__(self, settings: Any, label_config: str, project: str | None, workers: int,
-                 gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0,
-                 model_factory: Callable[[Any], Any] | None = None):
+                 gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0):
         if workers < 1:
             raise ValueError(f"--workers must be at least 1, got {workers}")
         if cpus_per_worker <= 0 or gpus_per_worker < 0:
@@ -164,7 +161,7 @@ class WorkerPool:
         self._remote = ray.remote(PrelabelWorker)
         self._options = dict(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
                              runtime_env={"env_vars": {name: str(threads) for name in THREAD_VARIABLES}})
-        self._args = (settings, label_config, project, threads, model_factory)
+        self._args = (settings, label_config, project, threads)
         self._run = uuid.uuid4().hex[:8]
         self._started = 0
         self.actors: list[Any] = [self._start() for _ in range(workers)]
@@ -357,49 +354,22 @@ def prelabel_folder_on_ray(settings: Any, label_config: str, folder: str | Path,
     return summary
 
 
-class PredictionWriter:
-    """Predictions sent to a Label Studio project in batches from the driver; a failed batch is listed."""
-
-    def __init__(self, client: Any, project_id: int, summary: RaySummary, batch: int = WRITE_BATCH):
-        self.client, self.project_id, self.summary, self.batch = client, project_id, summary, batch
-        self.pending: list[tuple[dict[str, Any], dict[str, Any]]] = []
-
-    def add(self, task: dict[str, Any], prediction: dict[str, Any]) -> None:
-        self.pending.append((task, prediction))
-        if len(self.pending) >= self.batch:
-            self.flush()
-
-    def flush(self) -> None:
-        from label_studio_sdk import PredictionRequest
-
-        batch, self.pending = self.pending, []
-        if not batch:
-            return
-        request = [PredictionRequest(task=int(t["id"]), result=p["result"], score=p.get("score"),
-                                     model_version=p["model_version"]) for t, p in batch]
-        try:
-            self.client.projects.import_predictions(id=self.project_id, request=request)
-        except Exception as e:  # noqa: BLE001 - listed; the tasks have no prediction, so the next run redoes them
-            self.summary.predicted -= len(batch)
-            self.summary.failures += [Failure(f"task {t['id']}", f"writing to Label Studio failed: "
-                                              f"{type(e).__name__}: {e}") for t, _ in batch]
-            log.warning("writing %d prediction(s) to Label Studio failed: %s", len(batch), e)
-
-
 def prelabel_project_on_ray(settings: Any, client: Any, project_id: int, workers: int = 2,
                             gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0,
                             progress: bool = True) -> RaySummary:
-    """`backend.prelabel.prelabel_project` on Ray actors; predictions are written in batches of WRITE_BATCH."""
+    """`backend.prelabel.prelabel_project` on Ray actors; predictions are written in batches (PredictionWriter)."""
     project = client.projects.get(id=project_id)
     tasks = project_tasks(client, project_id)
     with WorkerPool(settings, project.label_config, str(project_id), workers, gpus_per_worker, cpus_per_worker) as pool:
         todo = [t for t in tasks if not _has_version(t.get("predictions"), pool.version)]
         summary = RaySummary(total=len(tasks), skipped=len(tasks) - len(todo), model_version=pool.version)
-        writer = PredictionWriter(client, project_id, summary)
+        writer = PredictionWriter(client, project_id)
         try:
             distribute(pool, todo, lambda t: f"task {t['id']}", writer.add, summary, progress)
         finally:
             writer.flush()
+            summary.predicted -= len(writer.failures)
+            summary.failures += writer.failures
     return summary
 
 
@@ -411,5 +381,5 @@ def run_command(args: Any, settings: Any, client: Any, label_config: str | None)
                    progress=not args.no_progress)
     if client is not None:
         return prelabel_project_on_ray(settings, client, args.project, **options)
-    return prelabel_folder_on_ray(settings, label_config, args.folder, args.out, document_root=args.document_root,
+    return prelabel_folder_on_ray(settings, label_config, args.folder, args.out, document_root=settings.document_root,
                                   url_prefix=args.url_prefix, **options)

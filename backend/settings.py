@@ -23,6 +23,16 @@ loaders as fields of the model configuration.
 | INTERACTIVE_CACHE_MB | | 512 | memory kept for interactive answers (per-task query states, LRU) |
 | WEBHOOK_SECRET | | unset | with basic auth: lets Label Studio's webhooks into /webhook by X-Webhook-Secret or ?secret= |
 | MAX_REQUEST_MB | | 100 | largest request body; a larger one is answered 413 before it is read |
+| FEATURE_CACHE_MB | --feature-cache-mb | 16384 | disk for cached backbone features (0 disables), LRU |
+| FEATURE_CACHE_DTYPE | --feature-cache-dtype | fp16 | storage of cached features: fp16, bf16 or fp32 (exact) |
+| FEATURE_CACHE_DIR | --feature-cache-dir | MODEL_DIR/feature_cache | where cached features live |
+| HOST / PORT | --host / --port (serve) | 127.0.0.1 / 9090 | where the server listens |
+| BASIC_AUTH_USER / BASIC_AUTH_PASS | | unset | basic auth on every endpoint but /health (both or neither) |
+| LOCAL_FILES_DOCUMENT_ROOT | --document-root (prelabel) | the folder's parent | local-files root of folder mode |
+| ODISE_TRAIN_ON_ANNOTATION, _MIN_ANNOTATIONS, _DEBOUNCE | --[no-]train-on-annotation, --min-annotations, --debounce (serve) | true, 8, 30 | TrainPolicy: when webhooks fine-tune |
+| ODISE_HOLDOUT_FRACTION | --holdout (serve, train) | 0.2 | TrainPolicy: share held out to judge a fine-tune |
+| ODISE_TRAIN_STEPS, _LR, _BATCH, _VIEWS, _POINTS | --steps, --lr, --batch-size, --views, --points (serve, train) | FinetuneOptions | fine-tune options |
+| REFRESH_ON_PROMOTE | (serve) --refresh-on-promote | auto | re-predict a project's tasks after a promotion: auto (when Label Studio URL and key are known), true, false |
 """
 from __future__ import annotations
 
@@ -36,10 +46,15 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from backend.ls_format import ResultOptions
+from odise_core.training.finetune import FinetuneOptions
 
 DEFAULT_MODEL_DIR = Path.home() / ".cache" / "odise-label-studio" / "backend"
+# 16 GB: ~130 photos at 1024 on the full preset in fp16 (~120 MB each), ~530 with --fast (README).
+DEFAULT_FEATURE_CACHE_MB = 16384.0
+FEATURE_CACHE_DTYPES = ("fp16", "bf16", "fp32")
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off", "")
+REFRESH_CHOICES = ("auto", "true", "false")
 
 
 class SettingsError(ValueError):
@@ -73,6 +88,34 @@ def _env_number(environ: Mapping[str, str], name: str, kind: type, default: Any)
 
 
 @dataclass
+class TrainPolicy:
+    """When the server fine-tunes a project (the rule itself: backend.learning.policy)."""
+
+    on_annotation: bool = True  # annotation webhooks ask for a fine-tune (START_TRAINING always does)
+    min_annotations: int = 8  # usable annotated tasks a webhook fine-tune needs
+    debounce_seconds: float = 30.0  # quiet time after the last annotation event before it starts
+    holdout_fraction: float = 0.2  # share of annotated tasks held out to judge the candidate
+
+
+# attribute of TrainPolicy / FinetuneOptions -> its environment variable; a flag of the same dest overrides it
+POLICY_ENV = {"on_annotation": "ODISE_TRAIN_ON_ANNOTATION", "min_annotations": "ODISE_TRAIN_MIN_ANNOTATIONS",
+              "debounce_seconds": "ODISE_TRAIN_DEBOUNCE", "holdout_fraction": "ODISE_HOLDOUT_FRACTION"}
+FINETUNE_ENV = {"steps": "ODISE_TRAIN_STEPS", "lr": "ODISE_TRAIN_LR", "batch_size": "ODISE_TRAIN_BATCH",
+                "views_per_image": "ODISE_TRAIN_VIEWS", "num_points": "ODISE_TRAIN_POINTS"}
+
+
+def _env_fields(obj: Any, env: Mapping[str, str], names: Mapping[str, str], flags: Mapping[str, Any]) -> Any:
+    """A copy of dataclass `obj` with each attribute in `names` from its variable, then from `flags` (not None)."""
+    values = {}
+    for attr, var in names.items():
+        default = getattr(obj, attr)
+        kind = type(default)
+        values[attr] = env_bool(env, var, default) if kind is bool else _env_number(env, var, kind, default)
+    values.update({k: v for k, v in flags.items() if k in names and v is not None})
+    return dataclasses.replace(obj, **values)
+
+
+@dataclass
 class BackendSettings:
     """Everything that shapes the model and its results, plus where the backend finds its inputs."""
 
@@ -86,6 +129,8 @@ class BackendSettings:
     clip_weights: str | None = None
     checkpoint: str | None = None
     offline: bool = False
+    random_weights: bool = False  # no variable: benchmarks (cost does not depend on weight values) and tests
+    min_size: int | None = None  # no variable: shortest image edge processed; None: the preset's (FAST: its window)
     model_dir: Path = DEFAULT_MODEL_DIR
     label_studio_url: str | None = None
     api_key: str | None = field(default=None, repr=False)  # repr-free: settings are logged and sent to Ray workers
@@ -97,10 +142,24 @@ class BackendSettings:
     interactive_cache_mb: float = 512.0
     webhook_secret: str | None = field(default=None, repr=False)
     max_request_mb: float = 100.0
+    feature_cache_mb: float = DEFAULT_FEATURE_CACHE_MB
+    feature_cache_dtype: str = "fp16"
+    feature_cache_dir: Path | None = None  # None: model_dir / "feature_cache"
+    host: str = "127.0.0.1"
+    port: int = 9090
+    basic_auth_user: str | None = None
+    basic_auth_pass: str | None = field(default=None, repr=False)
+    document_root: Path | None = None  # prelabel folder mode; None: the folder's parent
+    policy: TrainPolicy = field(default_factory=TrainPolicy)
+    finetune: FinetuneOptions = field(default_factory=FinetuneOptions)
+    refresh_on_promote: str = "auto"  # auto | true | false: see refresh_enabled
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "BackendSettings":
-        """Environment over defaults, then every override that is not None over both."""
+        """Environment over defaults, then every override that is not None over both.
+
+        Overrides name fields of the settings, of TrainPolicy (POLICY_ENV) or of FinetuneOptions (FINETUNE_ENV).
+        """
         env = os.environ if environ is None else environ
         d = cls()
         result = ResultOptions(
@@ -111,6 +170,7 @@ class BackendSettings:
             keep_holes=env_bool(env, "KEEP_HOLES", d.result.keep_holes),
         )
         weights_dir = env.get("ODISE_WEIGHTS_DIR")
+        document_root = env.get("LOCAL_FILES_DOCUMENT_ROOT")
         settings = cls(
             preset=env.get("PRESET") or d.preset,
             device=env.get("DEVICE") or d.device,
@@ -133,13 +193,24 @@ class BackendSettings:
             interactive_cache_mb=_env_number(env, "INTERACTIVE_CACHE_MB", float, d.interactive_cache_mb),
             webhook_secret=env.get("WEBHOOK_SECRET") or None,
             max_request_mb=_env_number(env, "MAX_REQUEST_MB", float, d.max_request_mb),
+            feature_cache_mb=_env_number(env, "FEATURE_CACHE_MB", float, d.feature_cache_mb),
+            feature_cache_dtype=env.get("FEATURE_CACHE_DTYPE") or d.feature_cache_dtype,
+            feature_cache_dir=Path(env["FEATURE_CACHE_DIR"]) if env.get("FEATURE_CACHE_DIR") else None,
+            host=env.get("HOST") or d.host,
+            port=_env_number(env, "PORT", int, d.port),
+            basic_auth_user=env.get("BASIC_AUTH_USER") or None,
+            basic_auth_pass=env.get("BASIC_AUTH_PASS") or None,
+            document_root=Path(document_root) if document_root else None,
+            policy=_env_fields(d.policy, env, POLICY_ENV, overrides),
+            finetune=_env_fields(d.finetune, env, FINETUNE_ENV, overrides),
+            refresh_on_promote=_refresh_word(env.get("REFRESH_ON_PROMOTE") or d.refresh_on_promote),
         )
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(overrides) - names
+        unknown = set(overrides) - names - set(POLICY_ENV) - set(FINETUNE_ENV)
         if unknown:
             raise TypeError(f"unknown settings {sorted(unknown)}")
         for key, value in overrides.items():
-            if value is not None:
+            if key in names and value is not None:
                 setattr(settings, key, value)
         settings.validate()
         return settings
@@ -147,9 +218,9 @@ class BackendSettings:
     @classmethod
     def resolve(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> "BackendSettings":
         """Settings of a command: its flags (those it has and the user gave) over `from_env`."""
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(cls)} | set(POLICY_ENV) | set(FINETUNE_ENV)
         flags = {k: v for k, v in vars(args).items() if k in names and v is not None}
-        for key in ("weights_dir", "model_dir"):
+        for key in ("weights_dir", "model_dir", "document_root", "feature_cache_dir"):
             if key in flags:
                 flags[key] = Path(flags[key])
         return cls.from_env(environ, **flags)
@@ -159,12 +230,44 @@ class BackendSettings:
         from odise_core.postprocess import MODES
         from odise_core.predictor import PRECISIONS
 
-        checks = (("PRECISION", self.precision, PRECISIONS), ("PREDICTION_MODE", self.mode, MODES))
+        checks = (("PRECISION", self.precision, PRECISIONS), ("PREDICTION_MODE", self.mode, MODES),
+                  ("FEATURE_CACHE_DTYPE", self.feature_cache_dtype, FEATURE_CACHE_DTYPES))
         for name, value, allowed in checks:
             if value not in allowed:
                 raise SettingsError(f"{name} {value!r} is not one of {', '.join(allowed)}")
-        if self.max_request_mb <= 0:
-            raise SettingsError(f"MAX_REQUEST_MB={self.max_request_mb:g} must be above 0")
+        p, f = self.policy, self.finetune
+        limits = (("MAX_REQUEST_MB", self.max_request_mb, self.max_request_mb > 0, "above 0"),
+                  ("PORT/--port", self.port, 0 <= self.port <= 65535, "in 0..65535"),
+                  ("ODISE_TRAIN_MIN_ANNOTATIONS/--min-annotations", p.min_annotations, p.min_annotations >= 0,
+                   "at least 0"),
+                  ("ODISE_TRAIN_DEBOUNCE/--debounce", p.debounce_seconds, p.debounce_seconds >= 0, "at least 0"),
+                  ("ODISE_HOLDOUT_FRACTION/--holdout", p.holdout_fraction, 0 <= p.holdout_fraction < 1, "in [0, 1)"),
+                  ("ODISE_TRAIN_STEPS/--steps", f.steps, f.steps >= 1, "at least 1"),
+                  ("ODISE_TRAIN_LR/--lr", f.lr, f.lr > 0, "above 0"),
+                  ("ODISE_TRAIN_BATCH/--batch-size", f.batch_size, f.batch_size >= 1, "at least 1"),
+                  ("ODISE_TRAIN_VIEWS/--views", f.views_per_image, f.views_per_image >= 1, "at least 1"),
+                  ("ODISE_TRAIN_POINTS/--points", f.num_points, f.num_points >= 1, "at least 1"),
+                  ("FEATURE_CACHE_MB/--feature-cache-mb", self.feature_cache_mb, self.feature_cache_mb >= 0,
+                   "at least 0 (0 disables it)"))
+        for name, value, ok, rule in limits:
+            if not ok:
+                raise SettingsError(f"{name}={value:g} must be {rule}")
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
+            raise SettingsError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together (one alone would leave "
+                                "every endpoint open)")
+        self.refresh_on_promote = _refresh_word(self.refresh_on_promote)
+
+    @property
+    def basic_auth(self) -> tuple[str, str] | None:
+        """(user, password) every endpoint but /health asks for, or None: open."""
+        return (self.basic_auth_user, self.basic_auth_pass) if self.basic_auth_user and self.basic_auth_pass else None
+
+    def refresh_enabled(self, label_studio_known: bool) -> bool:
+        """Whether a promotion starts a refresh of the project's predictions (REFRESH_ON_PROMOTE):
+        "auto" when the Label Studio URL and key are known (from settings or /setup), else as set."""
+        if self.refresh_on_promote == "auto":
+            return label_studio_known
+        return self.refresh_on_promote == "true"
 
     def model_config(self) -> Any:
         """The odise_core ModelConfig these settings ask for (a fresh copy of the preset, changed)."""
@@ -179,6 +282,11 @@ class BackendSettings:
             cfg.clip.pretrained = self.clip_weights
         if self.checkpoint:
             cfg.checkpoint = self.checkpoint
+        if self.random_weights:
+            cfg.diffusion.pretrained = cfg.clip.pretrained = cfg.checkpoint = None
+        if self.min_size:
+            cfg.backbone.min_size = self.min_size
+            cfg.backbone.max_size = max(cfg.backbone.max_size, self.min_size)
         cfg.weights_dir = str(self.weights_dir) if self.weights_dir else None
         cfg.offline = self.offline
         return cfg
@@ -192,8 +300,19 @@ class BackendSettings:
             [f"sd-{str(sd_dtype).removeprefix('torch.')}"]
         return "+".join(parts)
 
+    def feature_cache(self) -> Any:
+        """The backbone feature cache these settings ask for (odise_core FeatureCache; disabled at 0 MB)."""
+        from odise_core.feature_cache import FeatureCache
+
+        root = self.feature_cache_dir or self.model_dir / "feature_cache"
+        return FeatureCache(root, max_bytes=int(self.feature_cache_mb * 2**20), storage=self.feature_cache_dtype)
+
     def results_digest(self) -> str:
-        """Short hash of every setting that changes predictions; stable across restarts."""
+        """Short hash of every setting that changes predictions; stable across restarts.
+
+        The feature cache's storage dtype is in it only when the cache rounds: fp16/bf16 features are
+        used as stored, first pass or not, so they change results slightly (README, Feature cache);
+        an exact (fp32) or disabled cache, its size and folder change nothing."""
         shaping = {
             "preset": self.preset,
             "fast": self.fast,
@@ -201,30 +320,28 @@ class BackendSettings:
             "overlap_threshold": self.overlap_threshold,
             "mode": self.mode,
             "result": dataclasses.asdict(self.result),
+            **({"min_size": self.min_size} if self.min_size else {}),  # keeps earlier digests when unset
         }
+        if self.feature_cache_mb > 0 and self.feature_cache_dtype != "fp32":
+            shaping["feature_storage"] = self.feature_cache_dtype
         return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:6]
 
 
-def build_model(settings: BackendSettings) -> Any:
-    """The one function that builds the model for every command: config from `settings`, on its device."""
+def _refresh_word(value: str) -> str:
+    """REFRESH_ON_PROMOTE as "auto", "true" or "false" (any yes/no word is accepted for the last two)."""
+    word = str(value).strip().lower()
+    if word == "auto":
+        return word
+    try:
+        return "true" if parse_bool(word, "REFRESH_ON_PROMOTE") else "false"
+    except SettingsError:
+        raise SettingsError(f"REFRESH_ON_PROMOTE={value!r} is not one of {', '.join(REFRESH_CHOICES)}") from None
+
+
+def build_model(settings: BackendSettings, text_cache: Any = None, network: type | None = None) -> Any:
+    """The one function that builds the model for every command and benchmark: config from `settings`, on its
+    device. `text_cache` (default: on disk in the weights dir) and `network` (an ODISE subclass) are for benchmarks."""
     from odise_core.predictor import build_predictor
 
-    return build_predictor(settings.model_config(), device=settings.device)
-
-
-def add_model_flags(p: argparse.ArgumentParser) -> None:
-    """Flags shared by every command that builds a model; unset flags fall back to the environment."""
-    p.add_argument("--preset", help="model preset: odise-label-coco, odise-caption-coco or tiny "
-                                    "(env PRESET, default odise-label-coco)")
-    p.add_argument("--device", help="cpu, cuda, cuda:N, mps or auto (env DEVICE, default auto)")
-    p.add_argument("--weights-dir", help="where weights are looked up and cached (env ODISE_WEIGHTS_DIR)")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"],
-                   help="auto: bf16/fp16 autocast on CUDA, frozen SD networks in bf16 on CPUs with native bf16; "
-                        "bf16: SD in bf16 on any CPU; fp32: float32 everywhere (env PRECISION, default auto)")
-    p.add_argument("--fast", action="store_true", default=None,
-                   help="process at the window size (512 shortest edge): 1 crop instead of 4 (env FAST=1)")
-
-
-def add_model_dir_flag(p: argparse.ArgumentParser, what: str = "fine-tuned model versions") -> None:
-    """--model-dir (env MODEL_DIR): where fine-tuned versions live."""
-    p.add_argument("--model-dir", help=f"{what} (env MODEL_DIR, default {DEFAULT_MODEL_DIR})")
+    return build_predictor(settings.model_config(), device=settings.device, text_cache=text_cache, network=network,
+                           feature_cache=settings.feature_cache())

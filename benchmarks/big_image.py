@@ -8,6 +8,7 @@ big image is predicted while a thread samples the RSS. Both modes must give iden
 
     python benchmarks/big_image.py --preset tiny
     python benchmarks/big_image.py --preset odise-label-coco     # ~7 GB for the model, minutes on a CPU
+    python benchmarks/big_image.py --output-mode semantic        # the semantic map, made in bands of rows
 """
 from __future__ import annotations
 
@@ -38,33 +39,34 @@ def photo(width: int, height: int):
 
 
 def segments_digest(segments) -> str:
-    """Hash of every segment's class, score, query and mask: equal digests mean identical output."""
+    """Hash of every segment's class, score (to 5 decimals: semantic bands round in another order than one
+    whole-image interpolation, a few float32 ulps), query and mask: equal digests mean the same output."""
     h = hashlib.sha256()
     for s in segments:
-        h.update(f"{s.class_index}:{s.score!r}:{s.is_thing}:{s.query_index}:{s.mask.shape}".encode())
+        h.update(f"{s.class_index}:{s.score:.5f}:{s.is_thing}:{s.query_index}:{s.mask.shape}".encode())
         h.update(s.mask.tobytes())
     return h.hexdigest()[:16]
 
 
-def child(preset: str, mode: str, width: int, height: int, device: str) -> dict:
+def child(preset: str, mode: str, width: int, height: int, device: str, output: str = "panoptic") -> dict:
     """Build, warm up, predict the big image once; figures in MB and seconds."""
     import torch
 
+    from backend.settings import build_model
     from odise_core.postprocess import DIRECT_BUDGET_BYTES
-    from odise_core.predictor import build_predictor
     from odise_core.vocabulary import TextEmbeddingCache, Vocabulary
 
     torch.manual_seed(0)
-    cfg = random_weights(preset)
-    model = build_predictor(cfg, device=device, text_cache=TextEmbeddingCache(None))
+    model = build_model(random_weights(preset, device), text_cache=TextEmbeddingCache(None))
     model.mask_budget_bytes = None if mode == "before" else DIRECT_BUDGET_BYTES
     vocab = Vocabulary.coco_panoptic()
     model.predict_raw(photo(640, 427), vocab)
     image = photo(width, height)
     model_rss = current_rss()
     with PeakMemory() as peak:
-        raw = model.predict_raw(image, vocab)
-    return {"mode": mode, "preset": preset, "image": f"{width}x{height}", "queries": cfg.decoder.num_queries,
+        raw = model.predict_raw(image, vocab, mode=output)
+    return {"mode": mode, "output": output, "preset": preset, "image": f"{width}x{height}",
+            "queries": model.cfg.decoder.num_queries,
             "classes": len(vocab), "device": str(model.device), "model_and_image_rss_mb": round(model_rss / 2**20),
             "peak_rss_mb": round(peak.peak_rss / 2**20),
             "above_model_mb": round((peak.peak_rss - model_rss) / 2**20), "seconds": round(peak.seconds, 1),
@@ -78,12 +80,14 @@ def main() -> int:
     parser.add_argument("--size", default="6000x4000", help="WIDTHxHEIGHT of the photo")
     parser.add_argument("--modes", default=",".join(MODES), help="before, after or both")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--output-mode", default="panoptic", choices=("panoptic", "instance", "semantic"),
+                        help="the output mode predicted (semantic mode bands rows under the same budget)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.lower().split("x"))
     if args.child:
-        print(json.dumps(child(args.preset, args.child, width, height, args.device)))
+        print(json.dumps(child(args.preset, args.child, width, height, args.device, args.output_mode)))
         return 0
     results = []
     for mode in args.modes.split(","):
@@ -91,7 +95,7 @@ def main() -> int:
             parser.error(f"unknown mode {mode!r}: use {', '.join(MODES)}")
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, __file__, "--preset", args.preset, "--size", args.size,
-                               "--device", args.device, "--child", mode], capture_output=True, text=True)
+                               "--device", args.device, "--output-mode", args.output_mode, "--child", mode], capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"{mode}: the child process failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}",
                   file=sys.stderr)
@@ -102,7 +106,7 @@ def main() -> int:
         print(json.dumps(results, indent=2))
     else:
         for r in results:
-            print(f"{r['preset']} {r['image']} {r['mode']:>6}: peak RSS {r['peak_rss_mb']} MB, "
+            print(f"{r['preset']} {r['image']} {r['output']} {r['mode']:>6}: peak RSS {r['peak_rss_mb']} MB, "
                   f"{r['above_model_mb']} MB above model+image ({r['model_and_image_rss_mb']} MB), "
                   f"predict {r['seconds']} s (post-processing {r['postprocess_s']} s), "
                   f"{r['segments']} segments, digest {r['digest']}")

@@ -24,8 +24,7 @@ from pathlib import Path
 import torch
 
 from backend.learning import copy_sharing_frozen, evaluate_model
-from odise_core.config import get_config
-from odise_core.predictor import build_predictor
+from backend.settings import BackendSettings, build_model
 from odise_core.tools.evaluation import EvalResult
 from odise_core.tools.synthetic import CLASS_NAMES, IS_THING, make_dataset
 from odise_core.training.finetune import FinetuneOptions, TrainSample, finetune
@@ -60,10 +59,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
 
-    cfg = get_config("tiny")
-    cfg.backbone.min_size = args.image_size
     t0 = time.perf_counter()
-    model = build_predictor(cfg, device="cpu")
+    model = build_model(BackendSettings.from_env({}, preset="tiny", device="cpu", min_size=args.image_size))
     build_s = time.perf_counter() - t0
     vocab = Vocabulary([VocabClass(n, (n,), t) for n, t in zip(CLASS_NAMES, IS_THING)])
     train_scenes = make_dataset(max(args.sizes), seed=args.seed, size=args.image_size)
@@ -89,7 +86,8 @@ def main() -> None:
         opts = FinetuneOptions(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                                views_per_image=args.views, seed=args.seed, num_points=args.num_points)
         t0 = time.perf_counter()
-        res = finetune(candidate.model, samples(train_scenes[:n]), opts, vocab=vocab)
+        res = finetune(candidate.model, samples(train_scenes[:n]), opts, vocab=vocab,
+                       feature_cache=candidate.feature_cache)
         total = time.perf_counter() - t0
         candidate.trained_classes = set(vocab.names)  # as a fine-tune job does
         after = evaluate_model(candidate, held, vocab)

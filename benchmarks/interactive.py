@@ -32,11 +32,9 @@ import skimage.data
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from latency import random_weights  # noqa: E402
 from serving import serve_backend  # noqa: E402
 
 from backend.label_config import make_label_config  # noqa: E402
-from backend.settings import BackendSettings  # noqa: E402
 from odise_core.vocabulary import Vocabulary  # noqa: E402
 
 PHRASES = ("red mug", "white saucer", "wooden spoon", "coffee foam", "a shadow on the table", "striped cloth")
@@ -49,17 +47,6 @@ SMART_TOOLS = """  <KeyPointLabels name="click" toName="image" smartOnly="true">
 def interactive_config() -> str:
     """COCO's 133 labels as PolygonLabels plus a click tool, a box tool and a text prompt."""
     return make_label_config(Vocabulary.coco_panoptic(), kind="polygon").replace("</View>", SMART_TOOLS)
-
-
-def _factory(device: str):
-    def build(settings: BackendSettings):
-        from odise_core.predictor import build_predictor
-
-        cfg = random_weights(settings.preset)
-        cfg.precision = settings.precision
-        return build_predictor(cfg, device=device)
-
-    return build
 
 
 def _percentiles(times: list[float]) -> dict[str, float]:
@@ -78,7 +65,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    backend, server, url, build_seconds = serve_backend(args.preset, args.device, _factory(args.device))
+    backend, server, url, build_seconds = serve_backend(args.preset, args.device, random_weights=True)
 
     photo = skimage.data.coffee()  # 400 x 600
     h, w = photo.shape[:2]

@@ -31,14 +31,11 @@ STAGES = ("preprocess", "clip_captioner", "vae_encoder", "unet", "vae_decoder", 
           "clip_classifier", "postprocess")
 
 
-def random_weights(preset: str):
-    from odise_core.config import get_config
+def random_weights(preset: str, device: str, **settings: object):
+    """Settings of `preset` with random weights (every benchmark builds through backend.settings.build_model)."""
+    from backend.settings import BackendSettings
 
-    cfg = get_config(preset)
-    cfg.diffusion.pretrained = None
-    cfg.clip.pretrained = None
-    cfg.checkpoint = None
-    return cfg
+    return BackendSettings.from_env({}, preset=preset, device=device, random_weights=True, **settings)
 
 
 class StageClock:
@@ -69,20 +66,18 @@ def session(preset: str, size: int, mode: str, classes: int, device: str, precis
     """Build the model; returns its figures so far and a function that predicts one image and times it."""
     import torch
 
-    from odise_core.modeling.odise import ODISE
-    from odise_core.predictor import ODISEPredictor, resolve_device
+    from backend.settings import build_model
     from odise_core.reference_mode import ReferenceEquivalentODISE
     from odise_core.vocabulary import TextEmbeddingCache, Vocabulary
 
     torch.manual_seed(0)
-    cfg = random_weights(preset)
-    cfg.backbone.min_size = size
-    cfg.backbone.max_size = max(cfg.backbone.max_size, size)
-    cls = ReferenceEquivalentODISE if mode == "reference" else ODISE
-    cfg.precision = "fp32" if mode == "reference" else precision  # the reference pipeline runs fp32
+    reference = mode == "reference"
+    settings = random_weights(preset, device, min_size=size,
+                              precision="fp32" if reference else precision)  # the reference pipeline runs fp32
     with PeakMemory() as build:
-        model = cls.from_config(cfg, device=resolve_device(device), text_cache=TextEmbeddingCache(None))
-        predictor = ODISEPredictor(model)
+        predictor = build_model(settings, text_cache=TextEmbeddingCache(None),
+                                network=ReferenceEquivalentODISE if reference else None)
+    model = predictor.model
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     params += sum(p.numel() * p.element_size() for extra in ("text_clip", "mask_clip", "sd_text_encoder")
                   if hasattr(model, extra) for p in getattr(model, extra).parameters())
@@ -96,7 +91,7 @@ def session(preset: str, size: int, mode: str, classes: int, device: str, precis
     _, sd_dtype = predictor.apply_precision()
     ext = model.backbone.feature_extractor
     sd_bytes = sum(p.numel() * p.element_size() for net in (ext.unet, ext.vae) for p in net.parameters())
-    result = {"mode": mode, "precision": cfg.precision, "sd_dtype": str(sd_dtype).replace("torch.", ""),
+    result = {"mode": mode, "precision": settings.precision, "sd_dtype": str(sd_dtype).replace("torch.", ""),
               "preset": preset, "size": size, "classes": len(vocab), "device": str(model.device),
               "build_s": build.seconds, "build_peak_rss_mb": build.peak_rss / 2**20,
               "model_mb": params / 2**20, "sd_mb": sd_bytes / 2**20, "runs": {}}

@@ -24,10 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from odise_core import weights  # noqa: E402
+from backend.settings import BackendSettings, build_model  # noqa: E402
 from odise_core.config import get_config  # noqa: E402
 from odise_core.modeling.diffusion import DiffusionFeatureExtractor  # noqa: E402
-from odise_core.predictor import build_predictor  # noqa: E402
 from odise_core.vocabulary import TextEmbeddingCache, Vocabulary  # noqa: E402
 
 
@@ -68,13 +67,9 @@ def segment_drift(preset: str) -> dict:
     """Segments of whole predictions with float32 vs bf16 SD on three skimage photos."""
     import skimage.data
 
-    cfg = get_config(preset)
-    cfg.precision = "fp32"
     cache = TextEmbeddingCache(None)
-    fp32 = build_predictor(cfg, device="cpu", text_cache=cache)
-    cfg_bf16 = get_config(preset)
-    cfg_bf16.precision = "bf16"
-    bf16 = build_predictor(cfg_bf16, device="cpu", text_cache=cache)
+    fp32, bf16 = (build_model(BackendSettings.from_env({}, preset=preset, device="cpu", precision=precision),
+                              text_cache=cache) for precision in ("fp32", "bf16"))
     vocab = Vocabulary.from_text("person,cat,cup,table,rocket,sky,wall,grass")
     same_class, ious, prob_diff, counts = [], [], [], [0, 0]
     seconds = {"fp32": 0.0, "bf16": 0.0}

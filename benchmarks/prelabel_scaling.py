@@ -61,15 +61,6 @@ def make_images(folder: Path, count: int, size: int, seed: int = 0) -> list[Path
     return paths
 
 
-def random_weight_model(settings: BackendSettings) -> Any:
-    """The preset's architecture with random weights (no downloads; cost does not depend on weight values)."""
-    from odise_core.predictor import build_predictor
-
-    cfg = settings.model_config()
-    cfg.diffusion.pretrained, cfg.clip.pretrained, cfg.checkpoint = None, None, None
-    return build_predictor(cfg, device=settings.device)
-
-
 def load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -89,8 +80,8 @@ class Bench:
         warm = make_images(root / "warm", 1, args.size, seed=1)[0]
         self.warm_task = {"id": None, "data": {"image": warm.resolve().as_uri()}}
         self.xml = make_label_config(Vocabulary.from_text(LABELS), kind="polygon")
-        self.settings = BackendSettings(preset=args.preset, device="cpu", fast=args.fast, model_dir=root / "models")
-        self.factory = random_weight_model if args.random_weights else None
+        self.settings = BackendSettings.from_env({}, preset=args.preset, device="cpu", fast=args.fast,
+                                                 random_weights=args.random_weights, model_dir=root / "models")
         self.runs = 0
         self.backend: ODISEBackend | None = None
         self.pools: dict[int, WorkerPool] = {}
@@ -98,7 +89,7 @@ class Bench:
         self.first_image: dict[int, float] = {}
 
     def build_single(self) -> None:
-        self.backend = ODISEBackend(self.settings, model_factory=self.factory)
+        self.backend = ODISEBackend(self.settings)
         self.backend.start_loading(background=False)
         if self.backend.error:
             raise SystemExit(self.backend.error)
@@ -107,8 +98,7 @@ class Bench:
 
     def build_pool(self, workers: int) -> None:
         t0 = time.perf_counter()
-        pool = WorkerPool(self.settings, self.xml, None, workers, cpus_per_worker=self.args.cpus_per_worker,
-                          model_factory=self.factory)
+        pool = WorkerPool(self.settings, self.xml, None, workers, cpus_per_worker=self.args.cpus_per_worker)
         self.startup[workers] = time.perf_counter() - t0
         progress(f"{workers} actor(s) built their models in {self.startup[workers]:.1f} s")
         t0 = time.perf_counter()

@@ -5,7 +5,6 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
 
 from werkzeug.serving import BaseWSGIServer, make_server
 
@@ -14,13 +13,12 @@ from backend.model import ODISEBackend
 from backend.settings import BackendSettings
 
 
-def serve_backend(preset: str, device: str,
-                  model_factory: Callable[[BackendSettings], Any] | None = None
+def serve_backend(preset: str, device: str, random_weights: bool = False
                   ) -> tuple[ODISEBackend, BaseWSGIServer, str, float]:
     """(backend, server (call .shutdown()), /predict URL, seconds to build the model); fresh temp model dir."""
-    settings = BackendSettings.from_env({}, preset=preset, device=device,
+    settings = BackendSettings.from_env({}, preset=preset, device=device, random_weights=random_weights,
                                         model_dir=Path(tempfile.mkdtemp(prefix="odise-bench-")))
-    backend = ODISEBackend(settings, model_factory=model_factory)
+    backend = ODISEBackend(settings)
     t0 = time.perf_counter()
     backend.start_loading(background=False)
     if backend.error:

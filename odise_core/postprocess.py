@@ -220,6 +220,61 @@ def semantic_inference(probs: torch.Tensor, mask_logits: torch.Tensor) -> torch.
     return torch.einsum("qc,qhw->chw", probs[:, :-1].float(), mask_logits.float().sigmoid())
 
 
+def linear_taps(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(i0, i1, lambda1) of 1-D linear resizing n_in -> n_out with align_corners=False, as PyTorch computes
+    them: output j = (1 - lambda1[j]) * x[i0[j]] + lambda1[j] * x[i1[j]]."""
+    j = torch.arange(n_out, dtype=torch.float32)
+    src = ((j + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
+    i0 = src.floor().long().clamp_max(n_in - 1)
+    return i0, (i0 + 1).clamp_max(n_in - 1), src - i0.float()
+
+
+def bilinear_rows(logits: torch.Tensor, out_size: tuple[int, int], rows: slice) -> torch.Tensor:
+    """Rows `rows` of F.interpolate(logits (Q,h,w), out_size, "bilinear", align_corners=False), computed
+    from the source rows they need only. All rows: F.interpolate itself; a band agrees with it to a few
+    float32 ulps (PyTorch's kernel rounds in another order)."""
+    (h, w), (height, width) = logits.shape[-2:], out_size
+    if rows.indices(height) == (0, height, 1):
+        return F.interpolate(logits[None], size=out_size, mode="bilinear", align_corners=False)[0]
+    y0, y1, ly = (t[rows] for t in linear_taps(h, height))
+    top, bottom = int(y0.min()), int(y1.max()) + 1
+    # Width first over the source rows the band reads (with the height unchanged, F.interpolate's row
+    # weights are exactly 1 and 0), then each output row mixes two of them.
+    across = F.interpolate(logits[None, :, top:bottom], size=(bottom - top, width), mode="bilinear",
+                           align_corners=False)[0]
+    ly = ly.to(logits)[:, None]
+    return (1 - ly) * across[:, y0 - top] + ly * across[:, y1 - top]
+
+
+def semantic_segments(probs: torch.Tensor, mask_logits: torch.Tensor, is_thing: torch.Tensor,
+                      resized_size: tuple[int, int], original_size: tuple[int, int],
+                      budget_bytes: int | None = DIRECT_BUDGET_BYTES) -> list[Segment]:
+    """One segment per class that wins pixels of the semantic map (sum over queries of class prob *
+    sigmoid(mask) at the original size); its score is its mean share of the per-pixel class sum.
+
+    The map is made in bands of rows so that the upsampled logits of one band stay under `budget_bytes`
+    (None: one band); a 6000x4000 photo never holds 100 full-size query planes.
+    """
+    logits = mask_logits[..., : resized_size[0], : resized_size[1]].float()
+    height, width = original_size
+    num_queries, num_classes = logits.shape[0], probs.shape[-1] - 1
+    per_row = (num_queries + num_classes) * width * 4
+    band = height if budget_bytes is None else max(1, min(height, budget_bytes // max(per_row, 1)))
+    labels = torch.empty((height, width), dtype=torch.int64)
+    score_sum = torch.zeros(num_classes, dtype=torch.float64)
+    for top in range(0, height, band):
+        rows = slice(top, min(top + band, height))
+        sem = semantic_inference(probs, bilinear_rows(logits, original_size, rows))
+        share, best = (sem / sem.sum(0, keepdim=True).clamp_min(1e-6)).max(0)
+        labels[rows] = best.cpu()
+        score_sum.index_add_(0, best.flatten().cpu(), share.flatten().double().cpu())
+        del sem, share, best
+    counts = torch.bincount(labels.view(-1), minlength=num_classes)
+    label_map = labels.numpy()
+    return [Segment(mask=label_map == k, class_index=k, score=float(score_sum[k] / counts[k]),
+                    is_thing=bool(is_thing[k])) for k in counts.nonzero().flatten().tolist()]
+
+
 def segments_for_mode(probs: torch.Tensor, mask_logits: torch.Tensor, is_thing: torch.Tensor, head: HeadConfig,
                       resized_size: tuple[int, int], original_size: tuple[int, int], mode: str,
                       budget_bytes: int | None = DIRECT_BUDGET_BYTES) -> list[Segment]:
@@ -229,12 +284,7 @@ def segments_for_mode(probs: torch.Tensor, mask_logits: torch.Tensor, is_thing: 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "semantic":
-        full = resize_mask_logits(mask_logits, resized_size, resized_size, original_size)
-        sem = semantic_inference(probs, full)
-        sem = sem / sem.sum(0, keepdim=True).clamp_min(1e-6)  # per-pixel class distribution: scores in [0,1]
-        labels = sem.argmax(0).cpu().numpy()
-        return [Segment(mask=labels == k, class_index=int(k), score=float(sem[k][labels == k].mean()),
-                        is_thing=bool(is_thing[k])) for k in np.unique(labels)]
+        return semantic_segments(probs, mask_logits, is_thing, resized_size, original_size, budget_bytes)
     if mode == "instance":  # each query is upsampled to full size only when its turn comes
         full = UpsampledLogits(mask_logits, resized_size, original_size)
         return instance_inference(probs, full, is_thing.to(probs.device), head.max_instances)

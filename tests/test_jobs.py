@@ -25,8 +25,9 @@ import pytest
 import torch
 from torch import nn
 
-from backend.learning import (Job, JobManager, ServingModels, TrainPolicy, VersionIncompatible, VersionStore,
-                              copy_sharing_frozen, is_better)
+from backend.learning import (Job, JobManager, ServingModels, VersionIncompatible, VersionStore, copy_sharing_frozen,
+                              is_better)
+from backend.settings import TrainPolicy
 from backend.training_data import TrainingData
 from odise_core.training.finetune import TrainSample
 from odise_core.types import RawPrediction, Segment
@@ -450,7 +451,8 @@ KILL_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     sys.path.insert(0, {tests!r})
     from test_jobs import FakeModel, VOCAB, fetch_fn
-    from backend.learning import JobManager, ServingModels, TrainPolicy
+    from backend.learning import JobManager, ServingModels
+    from backend.settings import TrainPolicy
     mode, model_dir, marker = sys.argv[1:4]
 
     def slow_finetune(model, data, vocab, job, feature_lock):

@@ -22,7 +22,8 @@ REPLICA = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     sys.path.insert(0, {tests!r})
     from test_jobs import FakeModel, VOCAB, fetch_fn
-    from backend.learning import JobManager, ServingModels, TrainPolicy, VersionStore
+    from backend.learning import JobManager, ServingModels, VersionStore
+    from backend.settings import TrainPolicy
     mode, model_dir, log, go = sys.argv[1:5]
     Path(log + ".ready").write_text("ready")
     while not os.path.exists(go):

@@ -1,4 +1,5 @@
-"""Fine-tune jobs: their progress payload and a cheap on-disk record of every job id handed out.
+"""Background jobs (fine-tunes, prediction refreshes): their progress payload and a cheap on-disk
+record of every job id handed out.
 
 A job id that Label Studio (or a user) was given stays answerable: in memory for as long as the
 server runs, and from MODEL_DIR/.jobs/<id>.json after a restart. A record found on disk in a
@@ -14,18 +15,19 @@ import re
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 log = logging.getLogger(__name__)
 
-ACTIVE_STATES = ("queued", "fetching", "training", "evaluating", "saving")
+ACTIVE_STATES = ("queued", "fetching", "training", "evaluating", "saving", "refreshing")
 JOB_ID = re.compile(r"^[0-9a-f]{12}$")
 
 
 class JobCancelled(Exception):
-    """Raised inside a job that was cancelled (server shutdown)."""
+    """Raised inside a job that was cancelled (server shutdown, or a refresh superseded by a newer one)."""
 
 
 def _iso(t: float | None) -> str | None:
@@ -38,7 +40,9 @@ def _epoch(iso: str | None) -> float | None:
 
 @dataclass
 class Job:
-    """One fine-tune run; `as_dict()` is the progress payload of the status endpoint and CLI.
+    """One fine-tune (kind "finetune") or prediction refresh (kind "refresh", backend.learning.refresh);
+    `as_dict()` is the progress payload of the status endpoint and CLI. A refresh counts tasks in
+    `step` / `total_steps` and keeps its rate and errors in `metrics`.
 
     `requests` lists every request this job answers (the first one started it; later ones were
     coalesced into it). `same_data_as` names the job that already trained on this job's data when
@@ -48,7 +52,8 @@ class Job:
     project: str
     reason: str
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
-    state: str = "queued"  # queued fetching training evaluating saving | done cancelled failed skipped interrupted
+    kind: str = "finetune"
+    state: str = "queued"  # queued fetching training evaluating saving refreshing | done cancelled failed skipped interrupted
     step: int = 0
     total_steps: int = 0
     loss: float | None = None
@@ -90,7 +95,7 @@ class Job:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "id": self.id, "project": self.project, "reason": self.reason, "state": self.state,
+            "id": self.id, "kind": self.kind, "project": self.project, "reason": self.reason, "state": self.state,
             "step": self.step, "total_steps": self.total_steps,
             "progress": round(self.step / self.total_steps, 4) if self.total_steps else 0.0,
             "loss": self.loss, "message": self.message, "version": self.version, "promoted": self.promoted,
@@ -101,7 +106,8 @@ class Job:
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> "Job":
         """A finished Job rebuilt from its on-disk record; a record left running reads as interrupted."""
-        job = cls(project=record["project"], reason=record["reason"], id=record["id"], state=record["state"],
+        job = cls(project=record["project"], reason=record["reason"], id=record["id"],
+                  kind=record.get("kind", "finetune"), state=record["state"],
                   step=record["step"], total_steps=record["total_steps"], loss=record["loss"],
                   message=record["message"], version=record["version"], promoted=record["promoted"],
                   metrics=record["metrics"], requests=list(record["requests"]), same_data_as=record["same_data_as"],
@@ -143,3 +149,27 @@ class JobRecords:
         except (OSError, ValueError, KeyError) as exc:
             log.warning("unreadable record of job %s: %s", job_id, exc)
             return None
+
+
+@contextmanager
+def job_outcome(job: Job, records: JobRecords, cancelled: Callable[[], str],
+                on_end: Callable[[], None] | None = None) -> Iterator[None]:
+    """Run a job's body in a background thread: JobCancelled ends it "cancelled" (message from `cancelled()`),
+    any other exception "failed" with the error as message (reported, never raised: the server keeps
+    serving); either way the end time is set, `on_end()` runs and the record is saved."""
+    try:
+        yield
+    except JobCancelled:
+        job.state = "cancelled"
+        job.message = cancelled()
+        log.info("project %s %s job %s cancelled", job.project, job.kind, job.id)
+    except Exception as exc:  # noqa: BLE001 - reported in the job's status instead
+        job.state = "failed"
+        job.message = f"{type(exc).__name__}: {exc}"
+        log.exception("project %s %s job %s failed", job.project, job.kind, job.id)
+    finally:
+        job.finished = time.time()
+        if on_end is not None:
+            on_end()
+        records.save(job)
+        job._done.set()

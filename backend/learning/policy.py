@@ -1,9 +1,10 @@
 """What makes a project fine-tune, and how requests for the same round are merged into one job.
 
-Events: START_TRAINING always asks for a fine-tune; ANNOTATION_CREATED/UPDATED ask for one when
-ODISE_TRAIN_ON_ANNOTATION is true (default), after ODISE_TRAIN_DEBOUNCE seconds without a further
-event (default 30), and train only with at least ODISE_TRAIN_MIN_ANNOTATIONS usable annotated tasks
-(default 8). ODISE_HOLDOUT_FRACTION of the tasks (default 0.2) is held out to judge the result.
+Events: START_TRAINING always asks for a fine-tune; ANNOTATION_CREATED/UPDATED ask for one when the
+TrainPolicy (backend.settings: flags and ODISE_TRAIN_* variables) has `on_annotation` (default), after
+`debounce_seconds` without a further event (default 30), and train only with at least
+`min_annotations` usable annotated tasks (default 8). `holdout_fraction` of the tasks (default 0.2) is
+held out to judge the result.
 
 One job per round of annotations (the coalescing rule, applied per project):
 - A request while the project's job has not yet started reading its data attaches to that job:
@@ -18,20 +19,5 @@ One job per round of annotations (the coalescing rule, applied per project):
 """
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
-
-from backend.settings import env_bool
-
 START_TRAINING = "START_TRAINING"
 ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
-
-
-@dataclass
-class TrainPolicy:
-    """When webhooks start training; defaults from env vars (see the module docstring)."""
-
-    on_annotation: bool = field(default_factory=lambda: env_bool(os.environ, "ODISE_TRAIN_ON_ANNOTATION", True))
-    min_annotations: int = field(default_factory=lambda: int(os.environ.get("ODISE_TRAIN_MIN_ANNOTATIONS", "8")))
-    debounce_seconds: float = field(default_factory=lambda: float(os.environ.get("ODISE_TRAIN_DEBOUNCE", "30")))
-    holdout_fraction: float = field(default_factory=lambda: float(os.environ.get("ODISE_HOLDOUT_FRACTION", "0.2")))

@@ -26,13 +26,14 @@ from typing import Any, Callable, ContextManager, Iterator
 
 from filelock import Timeout
 
-from backend.learning.jobs import Job, JobCancelled, JobRecords
+from backend.learning.jobs import Job, JobRecords, job_outcome
 from backend.learning.locks import training_lock
-from backend.learning.policy import ANNOTATION_EVENTS, START_TRAINING, TrainPolicy
+from backend.learning.policy import ANNOTATION_EVENTS, START_TRAINING
 from backend.learning.promotion import evaluate_model, is_better
 from backend.learning.serving import copy_sharing_frozen, model_config
 from backend.learning.store import VersionStore
 from backend.learning.training import run_finetune
+from backend.settings import TrainPolicy
 from backend.training_data import TrainingData
 from odise_core.tools.evaluation import EvalResult
 
@@ -229,7 +230,7 @@ class JobManager:
 
     # ---------------------------------------------------------------- the job
     def _run(self, job: Job, previous: threading.Thread | None, request: _Request) -> None:
-        try:
+        with job_outcome(job, self.records, lambda: "cancelled: the backend is shutting down"):
             if previous is not None:
                 previous.join()
             with self._training_slot(job):
@@ -245,18 +246,6 @@ class JobManager:
                 if self._skip(job, data, request):
                     return
                 self._train_and_judge(job, data, request)
-        except JobCancelled:
-            job.state = "cancelled"
-            job.message = "cancelled: the backend is shutting down"
-            log.info("project %s job %s cancelled", job.project, job.id)
-        except Exception as exc:  # a failed job must not take the server down; it is reported instead
-            job.state = "failed"
-            job.message = f"{type(exc).__name__}: {exc}"
-            log.exception("project %s job %s failed", job.project, job.id)
-        finally:
-            job.finished = time.time()
-            self.records.save(job)
-            job._done.set()
 
     @contextmanager
     def _training_slot(self, job: Job) -> Iterator[None]:

@@ -79,7 +79,12 @@ def _retrieve_predictions(ls: Any, pid: int, task_ids: list[int]) -> list[dict]:
         r = api.post(f"{ls.url}/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": pid},
                      json={"selectedItems": {"all": False, "included": task_ids[i:i + 2]}}, timeout=300)
         assert r.status_code == 200, r.text
-    r = api.get(f"{ls.url}/api/predictions", params={"project": pid}, timeout=30)
+    return project_predictions(ls, pid)
+
+
+def project_predictions(ls: Any, pid: int) -> list[dict]:
+    """Every prediction Label Studio stores for the project."""
+    r = ls.api().get(f"{ls.url}/api/predictions", params={"project": pid}, timeout=30)
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -88,13 +93,7 @@ def test_annotations_train_a_better_model_through_label_studio(label_studio: Any
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     backend = backend_server.backend
     jobs = backend.jobs
-    monkeypatch.setattr(jobs.policy, "min_annotations", 12)
-    monkeypatch.setattr(jobs.policy, "debounce_seconds", 10.0)
-    monkeypatch.setattr(jobs.policy, "holdout_fraction", 0.25)
-    monkeypatch.setenv("ODISE_TRAIN_STEPS", "120")
-    monkeypatch.setenv("ODISE_TRAIN_LR", "1e-3")
-    monkeypatch.setenv("ODISE_TRAIN_VIEWS", "1")
-    monkeypatch.setenv("ODISE_TRAIN_POINTS", "3136")
+    _train_settings(backend, monkeypatch, min_annotations=12, debounce=10.0)
     api = label_studio.api()
     url = label_studio.url
 
@@ -176,14 +175,13 @@ def test_annotations_train_a_better_model_through_label_studio(label_studio: Any
     assert type(jobs)(jobs.store.root).current_version(str(pid)) == job.version
 
 
-def _train_settings(jobs: JobManager, monkeypatch: pytest.MonkeyPatch, min_annotations: int, debounce: float) -> None:
-    monkeypatch.setattr(jobs.policy, "min_annotations", min_annotations)
-    monkeypatch.setattr(jobs.policy, "debounce_seconds", debounce)
-    monkeypatch.setattr(jobs.policy, "holdout_fraction", 0.25)
-    monkeypatch.setenv("ODISE_TRAIN_STEPS", "120")
-    monkeypatch.setenv("ODISE_TRAIN_LR", "1e-3")
-    monkeypatch.setenv("ODISE_TRAIN_VIEWS", "1")
-    monkeypatch.setenv("ODISE_TRAIN_POINTS", "3136")
+def _train_settings(backend: Any, monkeypatch: pytest.MonkeyPatch, min_annotations: int, debounce: float) -> None:
+    """The running backend's training policy and fine-tune options (the objects its JobManager uses)."""
+    assert backend.jobs.policy is backend.settings.policy
+    for attr, value in (("min_annotations", min_annotations), ("debounce_seconds", debounce), ("holdout_fraction", 0.25)):
+        monkeypatch.setattr(backend.settings.policy, attr, value)
+    for attr, value in (("steps", 120), ("lr", 1e-3), ("views_per_image", 1), ("num_points", 3136)):
+        monkeypatch.setattr(backend.settings.finetune, attr, value)
 
 
 def _wait_state(job: Any, states: tuple[str, ...], timeout: float) -> None:
@@ -202,7 +200,7 @@ def test_start_training_racing_the_webhooks_gives_one_fine_tune_per_round(label_
     backend = backend_server.backend
     jobs = backend.jobs
     debounce = 5.0
-    _train_settings(jobs, monkeypatch, min_annotations=3, debounce=debounce)
+    _train_settings(backend, monkeypatch, min_annotations=3, debounce=debounce)
     api, url = label_studio.api(), label_studio.url
     r = api.post(f"{url}/api/projects", json={"title": "odise e2e one job per round",
                                               "label_config": make_label_config(VOCAB, kind="polygon")}, timeout=30)
@@ -255,7 +253,7 @@ def test_start_training_racing_the_webhooks_gives_one_fine_tune_per_round(label_
     meta1 = jobs.store.metadata(key, "v0001")
     assert meta1["baseline"]["version"] is None and meta1["data"]["train"] + meta1["data"]["holdout"] == 10
 
-    monkeypatch.setenv("ODISE_TRAIN_STEPS", "20")  # round 2 checks what it is judged against, not its gain
+    monkeypatch.setattr(backend.settings.finetune, "steps", 20)  # round 2 checks what it is judged against, not its gain
     annotate(round2)
     deadline = time.time() + 120
     while jobs.job(key) is second and time.time() < deadline:
