@@ -5,7 +5,7 @@ import argparse
 import logging
 import sys
 
-from backend.flags import add_model_dir_flag, add_model_flags, add_training_flags
+from backend.flags import add_feature_cache_flags, add_model_dir_flag, add_model_flags, add_training_flags
 from backend.learning_cli import add_commands as add_learning_commands
 from backend.ls_client import LabelStudioAuthError, add_label_studio_flags
 from backend.settings import SettingsError
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_refresh(sub)
     _add_export(sub)
     add_learning_commands(sub)
+    _add_cache(sub)
     return parser
 
 
@@ -241,6 +242,43 @@ def _run_predict(args: argparse.Namespace) -> int:
         (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
     print(f"{len(args.images) - failures} image(s) written to {out}, {failures} failed", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _add_cache(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cache", help="show (default) or clear the backbone feature cache")
+    p.add_argument("action", nargs="?", choices=["show", "clear"], default="show")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    add_model_dir_flag(p, "fine-tuned model versions; the feature cache defaults to MODEL_DIR/feature_cache")
+    add_feature_cache_flags(p)
+    p.set_defaults(func=_run_cache)
+
+
+def _run_cache(args: argparse.Namespace) -> int:
+    import json
+
+    from backend.settings import BackendSettings
+
+    try:
+        cache = BackendSettings.resolve(args).feature_cache()
+    except SettingsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    removed = cache.clear() if args.action == "clear" else None
+    stats = cache.stats()
+    if args.json:
+        print(json.dumps({**stats.to_dict(), **({"removed": removed} if removed is not None else {})}))
+        return 0
+    if removed is not None:
+        print(f"removed {removed} entries from {stats.root}")
+        return 0
+    mb = 2**20
+    print(f"feature cache {stats.root}\n"
+          f"  entries   {stats.entries}\n"
+          f"  size      {stats.bytes / mb:.1f} MB of {stats.max_bytes / mb:.0f} MB max"
+          f"{' (disabled)' if not stats.max_bytes else ''}\n"
+          f"  hit rate  {100 * stats.hit_rate:.1f}% ({stats.hits} hits, {stats.misses} misses)\n"
+          f"  storage   {stats.storage}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

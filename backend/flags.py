@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from backend.settings import DEFAULT_MODEL_DIR, FINETUNE_ENV, POLICY_ENV, TrainPolicy
+from backend.settings import (DEFAULT_FEATURE_CACHE_MB, DEFAULT_MODEL_DIR, FEATURE_CACHE_DTYPES, FINETUNE_ENV, POLICY_ENV,
+                              TrainPolicy)
 from odise_core.training.finetune import FinetuneOptions
 
 
@@ -20,6 +21,18 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                         "bf16: SD in bf16 on any CPU; fp32: float32 everywhere (env PRECISION, default auto)")
     p.add_argument("--fast", action="store_true", default=None,
                    help="process at the window size (512 shortest edge): 1 crop instead of 4 (env FAST=1)")
+    add_feature_cache_flags(p)
+
+
+def add_feature_cache_flags(p: argparse.ArgumentParser) -> None:
+    """--feature-cache-mb / -dtype / -dir (env FEATURE_CACHE_MB / _DTYPE / _DIR): the backbone feature cache."""
+    p.add_argument("--feature-cache-mb", type=float,
+                   help=f"disk for cached backbone features, least recently used dropped first; 0 disables "
+                        f"(env FEATURE_CACHE_MB, default {DEFAULT_FEATURE_CACHE_MB:g})")
+    p.add_argument("--feature-cache-dtype", choices=FEATURE_CACHE_DTYPES,
+                   help="storage of cached features: fp16, bf16 or fp32 (exact) (env FEATURE_CACHE_DTYPE, default fp16)")
+    p.add_argument("--feature-cache-dir", help="where cached features live (env FEATURE_CACHE_DIR, "
+                                               "default MODEL_DIR/feature_cache)")
 
 
 def add_model_dir_flag(p: argparse.ArgumentParser, what: str = "fine-tuned model versions") -> None:

@@ -23,6 +23,9 @@ loaders as fields of the model configuration.
 | INTERACTIVE_CACHE_MB | | 512 | memory kept for interactive answers (per-task query states, LRU) |
 | WEBHOOK_SECRET | | unset | with basic auth: lets Label Studio's webhooks into /webhook by X-Webhook-Secret or ?secret= |
 | MAX_REQUEST_MB | | 100 | largest request body; a larger one is answered 413 before it is read |
+| FEATURE_CACHE_MB | --feature-cache-mb | 16384 | disk for cached backbone features (0 disables), LRU |
+| FEATURE_CACHE_DTYPE | --feature-cache-dtype | fp16 | storage of cached features: fp16, bf16 or fp32 (exact) |
+| FEATURE_CACHE_DIR | --feature-cache-dir | MODEL_DIR/feature_cache | where cached features live |
 | HOST / PORT | --host / --port (serve) | 127.0.0.1 / 9090 | where the server listens |
 | BASIC_AUTH_USER / BASIC_AUTH_PASS | | unset | basic auth on every endpoint but /health (both or neither) |
 | LOCAL_FILES_DOCUMENT_ROOT | --document-root (prelabel) | the folder's parent | local-files root of folder mode |
@@ -46,6 +49,9 @@ from backend.ls_format import ResultOptions
 from odise_core.training.finetune import FinetuneOptions
 
 DEFAULT_MODEL_DIR = Path.home() / ".cache" / "odise-label-studio" / "backend"
+# 16 GB: ~130 photos at 1024 on the full preset in fp16 (~120 MB each), ~530 with --fast (README).
+DEFAULT_FEATURE_CACHE_MB = 16384.0
+FEATURE_CACHE_DTYPES = ("fp16", "bf16", "fp32")
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off", "")
 REFRESH_CHOICES = ("auto", "true", "false")
@@ -136,6 +142,9 @@ class BackendSettings:
     interactive_cache_mb: float = 512.0
     webhook_secret: str | None = field(default=None, repr=False)
     max_request_mb: float = 100.0
+    feature_cache_mb: float = DEFAULT_FEATURE_CACHE_MB
+    feature_cache_dtype: str = "fp16"
+    feature_cache_dir: Path | None = None  # None: model_dir / "feature_cache"
     host: str = "127.0.0.1"
     port: int = 9090
     basic_auth_user: str | None = None
@@ -184,6 +193,9 @@ class BackendSettings:
             interactive_cache_mb=_env_number(env, "INTERACTIVE_CACHE_MB", float, d.interactive_cache_mb),
             webhook_secret=env.get("WEBHOOK_SECRET") or None,
             max_request_mb=_env_number(env, "MAX_REQUEST_MB", float, d.max_request_mb),
+            feature_cache_mb=_env_number(env, "FEATURE_CACHE_MB", float, d.feature_cache_mb),
+            feature_cache_dtype=env.get("FEATURE_CACHE_DTYPE") or d.feature_cache_dtype,
+            feature_cache_dir=Path(env["FEATURE_CACHE_DIR"]) if env.get("FEATURE_CACHE_DIR") else None,
             host=env.get("HOST") or d.host,
             port=_env_number(env, "PORT", int, d.port),
             basic_auth_user=env.get("BASIC_AUTH_USER") or None,
@@ -208,7 +220,7 @@ class BackendSettings:
         """Settings of a command: its flags (those it has and the user gave) over `from_env`."""
         names = {f.name for f in dataclasses.fields(cls)} | set(POLICY_ENV) | set(FINETUNE_ENV)
         flags = {k: v for k, v in vars(args).items() if k in names and v is not None}
-        for key in ("weights_dir", "model_dir", "document_root"):
+        for key in ("weights_dir", "model_dir", "document_root", "feature_cache_dir"):
             if key in flags:
                 flags[key] = Path(flags[key])
         return cls.from_env(environ, **flags)
@@ -218,7 +230,8 @@ class BackendSettings:
         from odise_core.postprocess import MODES
         from odise_core.predictor import PRECISIONS
 
-        checks = (("PRECISION", self.precision, PRECISIONS), ("PREDICTION_MODE", self.mode, MODES))
+        checks = (("PRECISION", self.precision, PRECISIONS), ("PREDICTION_MODE", self.mode, MODES),
+                  ("FEATURE_CACHE_DTYPE", self.feature_cache_dtype, FEATURE_CACHE_DTYPES))
         for name, value, allowed in checks:
             if value not in allowed:
                 raise SettingsError(f"{name} {value!r} is not one of {', '.join(allowed)}")
@@ -233,7 +246,9 @@ class BackendSettings:
                   ("ODISE_TRAIN_LR/--lr", f.lr, f.lr > 0, "above 0"),
                   ("ODISE_TRAIN_BATCH/--batch-size", f.batch_size, f.batch_size >= 1, "at least 1"),
                   ("ODISE_TRAIN_VIEWS/--views", f.views_per_image, f.views_per_image >= 1, "at least 1"),
-                  ("ODISE_TRAIN_POINTS/--points", f.num_points, f.num_points >= 1, "at least 1"))
+                  ("ODISE_TRAIN_POINTS/--points", f.num_points, f.num_points >= 1, "at least 1"),
+                  ("FEATURE_CACHE_MB/--feature-cache-mb", self.feature_cache_mb, self.feature_cache_mb >= 0,
+                   "at least 0 (0 disables it)"))
         for name, value, ok, rule in limits:
             if not ok:
                 raise SettingsError(f"{name}={value:g} must be {rule}")
@@ -285,8 +300,19 @@ class BackendSettings:
             [f"sd-{str(sd_dtype).removeprefix('torch.')}"]
         return "+".join(parts)
 
+    def feature_cache(self) -> Any:
+        """The backbone feature cache these settings ask for (odise_core FeatureCache; disabled at 0 MB)."""
+        from odise_core.feature_cache import FeatureCache
+
+        root = self.feature_cache_dir or self.model_dir / "feature_cache"
+        return FeatureCache(root, max_bytes=int(self.feature_cache_mb * 2**20), storage=self.feature_cache_dtype)
+
     def results_digest(self) -> str:
-        """Short hash of every setting that changes predictions; stable across restarts."""
+        """Short hash of every setting that changes predictions; stable across restarts.
+
+        The feature cache's storage dtype is in it only when the cache rounds: fp16/bf16 features are
+        used as stored, first pass or not, so they change results slightly (README, Feature cache);
+        an exact (fp32) or disabled cache, its size and folder change nothing."""
         shaping = {
             "preset": self.preset,
             "fast": self.fast,
@@ -296,6 +322,8 @@ class BackendSettings:
             "result": dataclasses.asdict(self.result),
             **({"min_size": self.min_size} if self.min_size else {}),  # keeps earlier digests when unset
         }
+        if self.feature_cache_mb > 0 and self.feature_cache_dtype != "fp32":
+            shaping["feature_storage"] = self.feature_cache_dtype
         return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:6]
 
 
@@ -315,4 +343,5 @@ def build_model(settings: BackendSettings, text_cache: Any = None, network: type
     device. `text_cache` (default: on disk in the weights dir) and `network` (an ODISE subclass) are for benchmarks."""
     from odise_core.predictor import build_predictor
 
-    return build_predictor(settings.model_config(), device=settings.device, text_cache=text_cache, network=network)
+    return build_predictor(settings.model_config(), device=settings.device, text_cache=text_cache, network=network,
+                           feature_cache=settings.feature_cache())

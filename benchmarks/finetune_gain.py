@@ -86,7 +86,8 @@ def main() -> None:
         opts = FinetuneOptions(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                                views_per_image=args.views, seed=args.seed, num_points=args.num_points)
         t0 = time.perf_counter()
-        res = finetune(candidate.model, samples(train_scenes[:n]), opts, vocab=vocab)
+        res = finetune(candidate.model, samples(train_scenes[:n]), opts, vocab=vocab,
+                       feature_cache=candidate.feature_cache)
         total = time.perf_counter() - t0
         candidate.trained_classes = set(vocab.names)  # as a fine-tune job does
         after = evaluate_model(candidate, held, vocab)

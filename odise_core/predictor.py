@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from odise_core.config import ModelConfig
+from odise_core.feature_cache import FeatureCache, feature_key
 from odise_core.modeling.head import clip_class_logits, geometric_ensemble
 from odise_core.modeling.odise import ODISE
 from odise_core.phrase import phrase_probabilities
@@ -78,6 +79,7 @@ class _Forward:
     clip_embeds: torch.Tensor | None  # (1, Q, D) when kept
     probs: torch.Tensor  # (Q, K+1)
     timings: dict[str, float]
+    feature_cache: str | None  # "hit" / "miss", None without a feature cache
 
 
 class ODISEPredictor:
@@ -87,8 +89,10 @@ class ODISEPredictor:
     (`trainable_state_dict`, `load_trainable_state_dict`, `trained_classes`) are the network's.
     """
 
-    def __init__(self, model: ODISE):
+    def __init__(self, model: ODISE, feature_cache: FeatureCache | None = None):
         self.model = model
+        # Backbone features of images seen before come from here (None: always computed).
+        self.feature_cache = feature_cache
         # Panoptic post-processing upsamples all kept queries at once up to this many bytes, else one by
         # one (same segments, bounded memory on big photos); None: always at once (benchmarks/big_image.py).
         self.mask_budget_bytes: int | None = DIRECT_BUDGET_BYTES
@@ -132,6 +136,24 @@ class ODISEPredictor:
         autocast_dtype, _ = self.apply_precision()
         return torch.autocast(self.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
 
+    def _features(self, padded: torch.Tensor) -> tuple[dict[str, torch.Tensor], str | None]:
+        """The fused backbone features of `padded`, from the feature cache when it has them; and "hit",
+        "miss" or None (no cache). Features are used as stored on a miss too, so an image predicts the
+        same whether it was seen before or not (with fp16/bf16 storage, slightly unlike no cache)."""
+        cache = self.feature_cache
+        if cache is None or not cache.enabled:
+            return self.model.extract_features(padded), None
+        autocast_dtype, _ = precision_plan(self.cfg.precision, self.device)
+        key = feature_key(self.model, padded, "fused", cache.storage, autocast_dtype)
+        computed: list[bool] = []
+
+        def compute() -> dict[str, torch.Tensor]:
+            computed.append(True)
+            return self.model.extract_features(padded)
+
+        features = cache.get_or_compute(key, compute, as_stored=True)
+        return {name: f.to(self.device) for name, f in features.items()}, "miss" if computed else "hit"
+
     def _forward(self, image: Any, vocab: Vocabulary, keep_clip_embeds: bool = False) -> _Forward:
         """One full pass: features, heads, MaskCLIP and the ensembled probabilities of one image."""
         if len(vocab) == 0:
@@ -145,7 +167,7 @@ class ODISEPredictor:
 
         with self._autocast():
             t = time.perf_counter()
-            features = model.extract_features(prep.tensor)
+            features, cache_state = self._features(prep.tensor)
             timings["backbone"] = time.perf_counter() - t
             t = time.perf_counter()
             out = model.forward_heads(features, vocab)
@@ -169,7 +191,7 @@ class ODISEPredictor:
         seen = vocab.is_base | torch.tensor([n in model.trained_classes for n in vocab.names], dtype=torch.bool)
         probs = geometric_ensemble(out["pred_logits"].float(), clip_logits.float(), seen.to(self.device),
                                    self.cfg.head.alpha, self.cfg.head.beta)[0]
-        return _Forward(prep, out, masks[0], clip_embeds, probs, timings)
+        return _Forward(prep, out, masks[0], clip_embeds, probs, timings, cache_state)
 
     @torch.inference_mode()
     def predict_raw(self, image: Any, vocab: Vocabulary, mode: str = "panoptic") -> RawPrediction:
@@ -185,7 +207,7 @@ class ODISEPredictor:
                                      run.prep.original_size, mode, self.mask_budget_bytes)
         run.timings["postprocess"] = time.perf_counter() - t
         return RawPrediction(segments=segments, class_probs=run.probs.cpu(), mask_logits=run.mask_logits.cpu(),
-                             image_size=run.prep.original_size, timings=run.timings)
+                             image_size=run.prep.original_size, timings=run.timings, feature_cache=run.feature_cache)
 
     @torch.inference_mode()
     def query_state(self, image: Any, vocab: Vocabulary) -> QueryState:
@@ -211,10 +233,12 @@ class ODISEPredictor:
 
 
 def build_predictor(cfg: ModelConfig, device: str | torch.device = "auto",
-                    text_cache: TextEmbeddingCache | None = None, network: type[ODISE] | None = None
-                    ) -> ODISEPredictor:
+                    text_cache: TextEmbeddingCache | None = None, network: type[ODISE] | None = None,
+                    feature_cache: FeatureCache | None = None) -> ODISEPredictor:
     """The one way to build a predictor: the network with `cfg`'s weights on `device` ('auto': CUDA,
-    MPS, CPU), SD cast as `cfg.precision` asks. Fails at once, naming what is missing, without weights.
+    MPS, CPU), SD cast as `cfg.precision` asks, reusing backbone features from `feature_cache` when given.
+    Fails at once, naming what is missing, without weights.
 
     `network` is ODISE or a subclass (the reference-equivalent baseline of the latency benchmark)."""
-    return ODISEPredictor((network or ODISE).from_config(cfg, resolve_device(device), text_cache=text_cache))
+    return ODISEPredictor((network or ODISE).from_config(cfg, resolve_device(device), text_cache=text_cache),
+                          feature_cache=feature_cache)

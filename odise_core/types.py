@@ -31,3 +31,5 @@ class RawPrediction:
     mask_logits: torch.Tensor  # (Q, h, w) mask logits at the model's working size (resized, unpadded)
     image_size: tuple[int, int]  # (H, W) of the original image
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    # "hit" or "miss" when the predictor has a feature cache ("backbone" time is then the cache's), else None
+    feature_cache: str | None = None

@@ -29,6 +29,17 @@ def coco_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _exact_feature_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory):
+    """Commands built from the environment (also in subprocesses) keep their backbone feature cache in a
+    temporary folder, never the user's, and store it exactly (fp32), so their results can be compared
+    bit for bit with uncached passes; tests/test_feature_cache.py covers the rounding storage dtypes."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FEATURE_CACHE_DIR", str(tmp_path_factory.mktemp("feature_cache")))
+        mp.setenv("FEATURE_CACHE_DTYPE", "fp32")
+        yield
+
+
 @pytest.fixture
 def serve_cli(monkeypatch: pytest.MonkeyPatch) -> Callable[..., tuple[int, dict[str, Any]]]:
     """Runs `odise-ls serve ARGS` without a socket: once its model is ready, `ask(test_client)` runs and the

@@ -15,7 +15,8 @@ from backend.settings import BackendSettings, SettingsError, build_model, parse_
 from odise_core.tools.synthetic import CLASS_NAMES
 
 ENV = {"OVERLAP_THRESHOLD": "0.3", "PREDICTION_MODE": "instance"}
-FLAGS = ["--preset", "tiny", "--fast", "--precision", "bf16", "--device", "cpu"]
+FLAGS = ["--preset", "tiny", "--fast", "--precision", "bf16", "--device", "cpu", "--feature-cache-mb", "64",
+         "--feature-cache-dtype", "bf16"]
 
 
 def test_overlap_threshold_and_fast_reach_the_model_config():
@@ -56,6 +57,23 @@ def test_weight_variables_reach_the_config_as_values(tmp_path, monkeypatch):
     assert "ODISE_WEIGHTS_DIR" not in os.environ  # nothing was written into the environment
 
 
+def test_feature_cache_settings_resolve_flags_over_env_over_defaults(tmp_path):
+    default = BackendSettings.from_env({}, model_dir=tmp_path / "models").feature_cache()
+    assert (default.root, default.max_bytes, default.storage) == (tmp_path / "models" / "feature_cache",
+                                                                  16384 * 2**20, "fp16")
+    env = {"FEATURE_CACHE_MB": "0.5", "FEATURE_CACHE_DTYPE": "fp32", "FEATURE_CACHE_DIR": str(tmp_path / "f")}
+    cache = BackendSettings.from_env(env).feature_cache()
+    assert (cache.root, cache.max_bytes, cache.storage, cache.enabled) == (tmp_path / "f", 2**19, "fp32", True)
+    args = build_parser().parse_args(["rank", "x.png", "--labels", "a", "--feature-cache-mb", "0",
+                                      "--feature-cache-dir", str(tmp_path / "g")])
+    flagged = BackendSettings.resolve(args, env).feature_cache()
+    assert (flagged.root, flagged.enabled, flagged.storage) == (tmp_path / "g", False, "fp32")
+    with pytest.raises(SettingsError, match="FEATURE_CACHE_DTYPE 'int8' is not one of fp16, bf16, fp32"):
+        BackendSettings.from_env({"FEATURE_CACHE_DTYPE": "int8"})
+    with pytest.raises(SettingsError, match="FEATURE_CACHE_MB/--feature-cache-mb=-1 must be at least 0"):
+        BackendSettings.from_env({"FEATURE_CACHE_MB": "-1"})
+
+
 def test_results_digest_changes_with_results_and_only_then():
     base = BackendSettings.from_env({}, preset="tiny", device="cpu")
     assert BackendSettings.from_env({}, preset="tiny", device="cpu").results_digest() == base.results_digest()
@@ -70,13 +88,18 @@ def test_results_digest_changes_with_results_and_only_then():
         "min_area": dataclasses.replace(base, result=ResultOptions(min_area=1)),
         "score": dataclasses.replace(base, result=ResultOptions(score_threshold=0.5)),
         "holes": dataclasses.replace(base, result=ResultOptions(keep_holes=False)),
+        "cache-bf16": dataclasses.replace(base, feature_cache_dtype="bf16"),
+        "cache-exact": dataclasses.replace(base, feature_cache_dtype="fp32"),
     }
     digests = {name: s.results_digest() for name, s in changed.items()}
     assert base.results_digest() not in digests.values() and len(set(digests.values())) == len(digests)
     # what does not change predictions does not change the version
     same = [dataclasses.replace(base, model_dir=Path("/elsewhere"), image_timeout=5.0, api_key="k"),
+            dataclasses.replace(base, feature_cache_mb=1.0, feature_cache_dir=Path("/f")),
             dataclasses.replace(base, precision="fp32" if base.resolved_precision() == "sd-float32" else "auto")]
     assert {s.results_digest() for s in same} == {base.results_digest()}
+    # a disabled cache and an exact one give the results of no cache; only a rounding one is in the digest
+    assert dataclasses.replace(base, feature_cache_mb=0.0).results_digest() == digests["cache-exact"]
 
 
 # ----------------------------------------------------------------------------- every command
@@ -92,20 +115,23 @@ def built(tiny_model, monkeypatch, tmp_path):
 
     calls: list[tuple] = []
 
-    def build_predictor(cfg, device="auto", **kwargs):
-        calls.append((cfg, str(device)))
+    def build_predictor(cfg, device="auto", feature_cache=None, **kwargs):
+        calls.append((cfg, str(device), feature_cache))
         return tiny_model
 
     monkeypatch.setattr(predictor, "build_predictor", build_predictor)
     for name, value in ENV.items():
         monkeypatch.setenv(name, value)
-    for name in ("FAST", "PRECISION", "DEVICE", "PRESET", "ODISE_WEIGHTS_DIR", "MODEL_DIR"):
+    monkeypatch.setenv("FEATURE_CACHE_DIR", str(tmp_path / "features"))
+    monkeypatch.setenv("FEATURE_CACHE_MB", "1")  # the flag wins
+    for name in ("FAST", "PRECISION", "DEVICE", "PRESET", "ODISE_WEIGHTS_DIR", "MODEL_DIR", "FEATURE_CACHE_DTYPE"):
         monkeypatch.delenv(name, raising=False)
     return calls
 
 
 def _expected_version(tiny_model) -> str:
-    settings = BackendSettings.from_env(ENV, preset="tiny", fast=True, precision="bf16", device="cpu")
+    settings = BackendSettings.from_env(ENV, preset="tiny", fast=True, precision="bf16", device="cpu",
+                                        feature_cache_dtype="bf16")
     version = base_model_version(settings, tiny_model)
     assert version.startswith(f"odise-tiny-fast-{weights_digest(tiny_model)}-s")
     assert version != base_model_version(BackendSettings(preset="tiny", device="cpu"), tiny_model)
@@ -114,7 +140,8 @@ def _expected_version(tiny_model) -> str:
 
 def _check_built(calls: list[tuple], weights: Path) -> None:
     assert len(calls) == 1, "one model per command"
-    cfg, device = calls[0]
+    cfg, device, cache = calls[0]
+    assert (cache.root, cache.max_bytes, cache.storage) == (weights.parent / "features", 64 * 2**20, "bf16")
     assert device == "cpu" and cfg.name == "tiny" and cfg.precision == "bf16"
     assert cfg.backbone.min_size == cfg.backbone.window  # --fast
     assert cfg.head.overlap_threshold == 0.3 and cfg.weights_dir == str(weights)

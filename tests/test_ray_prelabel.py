@@ -42,7 +42,8 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory) -> BackendSettings:
-    return BackendSettings(preset="tiny", device="cpu", fast=True, model_dir=tmp_path_factory.mktemp("models"))
+    return BackendSettings(preset="tiny", device="cpu", fast=True, model_dir=tmp_path_factory.mktemp("models"),
+                           feature_cache_dtype="fp32")  # exact: Ray actors hit the features the single run cached
 
 
 def _photos(root: Path) -> Path:

@@ -111,6 +111,7 @@ def test_criterion_without_targets_pushes_to_no_object():
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
     from odise_core.config import get_config
+    from odise_core.feature_cache import FeatureCache
     from odise_core.modeling.odise import ODISE
     from odise_core.tools.synthetic import CLASS_NAMES, IS_THING, make_scene
     from odise_core.training.finetune import TrainSample
@@ -123,7 +124,8 @@ def tiny_setup(tmp_path_factory):
 
     scenes = [make_scene(seed, size=128) for seed in (3, 4)]
     samples = [TrainSample(s.image, s.masks, s.classes) for s in scenes]
-    return build, samples, Vocabulary.from_names(list(CLASS_NAMES), list(IS_THING)), {}
+    features = FeatureCache(tmp_path_factory.mktemp("features"), max_bytes=2**30, storage="fp16")
+    return build, samples, Vocabulary.from_names(list(CLASS_NAMES), list(IS_THING)), features
 
 
 def _options(**kw):
@@ -219,14 +221,18 @@ def test_finetune_can_train_feature_projections(tiny_setup):
     assert all(torch.equal(model.backbone.feature_extractor.state_dict()[k], v) for k, v in captioner.items())
 
 
-def test_feature_cache_limit_evicts_and_recomputes_identically(tiny_setup):
+def test_feature_cache_limit_evicts_and_recomputes_identically(tiny_setup, tmp_path):
+    from odise_core.feature_cache import FeatureCache
     from odise_core.training.finetune import finetune
     build, samples, vocab, cache = tiny_setup
     reference = finetune(build(), samples, _options(steps=3), vocab=vocab, feature_cache=cache)
-    small: dict = {}
-    limited = finetune(build(), samples, _options(steps=3, cache_limit_gb=1e-9), vocab=vocab, feature_cache=small)
-    assert len(small) == 1  # every new view evicted the previous one
+    entry = min(p.stat().st_size for p in cache.root.glob("v*.safetensors"))  # a fused view
+    small = FeatureCache(tmp_path, max_bytes=int(1.5 * entry), storage="fp16")
+    limited = finetune(build(), samples, _options(steps=3), vocab=vocab, feature_cache=small)
+    assert small.stats().entries == 1  # every new view evicted the previous one
     assert limited.losses == reference.losses
+    private = finetune(build(), samples, _options(steps=3, cache_limit_gb=1e-9), vocab=vocab)  # nothing fits
+    assert private.losses == reference.losses  # the same float16-rounded features, recomputed
 
 
 def test_finetune_learns_one_scene_things_and_stuff():

@@ -32,12 +32,12 @@ def copy_sharing_frozen(model: Any) -> Any:
     """Copy of `model` (a network, or a predictor over one) whose trainable parts are independent and
     whose frozen parts are shared.
 
-    The backbone (SD + captioner), CLIP, the text-embedding cache and every frozen parameter/buffer
-    are the same objects as in `model`, so a copy costs only the memory of the heads: used for
+    The backbone (SD + captioner), CLIP, the text-embedding cache, the predictor's feature cache and
+    every frozen parameter/buffer are the same objects as in `model`, so a copy costs only the memory of the heads: used for
     fine-tune candidates and for serving a project's fine-tuned version beside the base model.
     """
     if isinstance(model, ODISEPredictor):
-        return ODISEPredictor(copy_sharing_frozen(model.model))
+        return ODISEPredictor(copy_sharing_frozen(model.model), feature_cache=model.feature_cache)
     memo: dict[int, Any] = {}
     frozen_prefixes = tuple(getattr(model, "FROZEN_PREFIXES", ()))
     for name in SHARED_SUBMODULES:

@@ -17,7 +17,8 @@ def run_finetune(model: Any, data: TrainingData, vocab: Any, job: Job, feature_l
     """Fine-tune `model` (a predictor: its network is trained) on the job's training samples, reporting
     progress into `job`.
 
-    `feature_lock` is held around each pass through the backbone the serving model shares.
+    `feature_lock` is held around each pass through the backbone the serving model shares; view
+    features go to the predictor's feature cache (odise_core/feature_cache.py) when it has one.
     """
     from odise_core.predictor import ODISEPredictor
 
@@ -26,6 +27,6 @@ def run_finetune(model: Any, data: TrainingData, vocab: Any, job: Job, feature_l
 
     opts = options if options is not None else FinetuneOptions()
     job.total_steps = opts.steps
-    network = model.model if isinstance(model, ODISEPredictor) else model
+    network, cache = (model.model, model.feature_cache) if isinstance(model, ODISEPredictor) else (model, None)
     return finetune(network, data.train, opts, progress=progress, should_stop=lambda: job.stop_requested,
-                    vocab=vocab, feature_lock=feature_lock)
+                    vocab=vocab, feature_cache=cache, feature_lock=feature_lock)

@@ -5,6 +5,7 @@ Images, the precision policy and output modes are the predictor's (odise_core/pr
 from __future__ import annotations
 
 import functools
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,7 @@ class ODISE(nn.Module):
         self.trained_classes: set[str] = set()
         self.text_cache = text_cache or TextEmbeddingCache(weights.weights_dir(cfg.weights_dir) / "text_embeddings")
         self.version = "random" if cfg.checkpoint is None else Path(str(cfg.checkpoint)).stem
+        self._backbone_digests: dict[bool, str] = {}
         for p in self.clip.parameters():
             p.requires_grad_(False)
 
@@ -85,11 +87,35 @@ class ODISE(nn.Module):
     def model_key(self) -> str:
         """Identifies the CLIP weights (source, and file size/mtime for local files) for the text cache."""
         kind, location = weights.resolve_clip_source(self.cfg.clip, weights.WeightsLocation.of(self.cfg))
-        ident = location
-        if kind == "file":
-            stat = Path(location).stat()
-            ident = f"{Path(location).resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
-        return f"{self.cfg.clip.model_name}:{kind}:{ident}"
+        return f"{self.cfg.clip.model_name}:{kind}:{weights.source_identity(kind, location)}"
+
+    @functools.cached_property
+    def frozen_weights_key(self) -> str:
+        """Identifies the frozen SD and CLIP weights (sources with size/mtime of local files; with random
+        weights the preset and seeds that drew them), for the backbone feature cache."""
+        kind, location = weights.resolve_sd_source(self.cfg.diffusion, weights.WeightsLocation.of(self.cfg))
+        key = f"sd={kind}:{weights.source_identity(kind, location)};clip={self.model_key}"
+        if kind == "random" or self.model_key.split(":")[1] == "random":
+            key += f";random={self.cfg.name}:{self.cfg.seed}:{self.cfg.diffusion.noise_seed}"
+        return key
+
+    def backbone_digest(self, include_projections: bool = True) -> str:
+        """Hash of the backbone's trainable weights (captioner, and the fusion's feature projections unless
+        `include_projections` is False): the fused features change with them. Cached until the weights are
+        loaded again or `forget_backbone_digest` is called (after training them)."""
+        if include_projections not in self._backbone_digests:
+            h = hashlib.sha256()
+            for name, tensor in sorted(self.trainable_state_dict().items()):
+                if name.startswith("backbone.") and (include_projections or
+                                                     not name.startswith("backbone.feature_projections.")):
+                    h.update(name.encode())
+                    h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+            self._backbone_digests[include_projections] = h.hexdigest()[:16]
+        return self._backbone_digests[include_projections]
+
+    def forget_backbone_digest(self) -> None:
+        """Call after changing the backbone's trainable weights in place (a fine-tune of the projections)."""
+        self._backbone_digests.clear()
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The state dict in the official checkpoint's layout: everything but frozen SD/CLIP."""
@@ -101,6 +127,7 @@ class ODISE(nn.Module):
         if problem:
             raise ValueError(f"checkpoint does not match the model: {problem}")
         self.load_state_dict(state, strict=False)
+        self.forget_backbone_digest()
 
     # ----------------------------------------------------------------- stages
     def text_embeddings(self, vocab: Vocabulary, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:

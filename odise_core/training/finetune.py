@@ -1,14 +1,15 @@
 """Fine-tune loop for ODISE's heads on accepted annotations, with its augmented training views.
 
-SD and CLIP stay frozen; the fused diffusion features of each augmented view are cached, so the
-backbone runs once per view. The losses are those of training/losses.py.
+SD and CLIP stay frozen; the fused diffusion features of each augmented view are kept in a
+FeatureCache (odise_core/feature_cache.py, the one prediction uses), so the backbone runs once per
+view. The losses are those of training/losses.py.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ContextManager
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from odise_core.feature_cache import FeatureCache, feature_key
 from odise_core.training.losses import SetCriterion, Target
 
 if TYPE_CHECKING:
@@ -48,8 +50,9 @@ class FinetuneOptions:
 
     Each image gets `views_per_image` augmented views (view 0 unaugmented; others random flip and
     scale jitter, then a random `crop`-sized window); their diffusion features are computed once
-    and cached (as float16 when `cache_half`; a fused 512 view of the full preset takes about 22 MB),
-    so the frozen backbone runs once per view while the cache stays under `cache_limit_gb`.
+    and cached, so the frozen backbone runs once per view. Without a caller's feature cache, a
+    private one in a temporary folder holds them (as float16 when `cache_half`; a fused 512 view of
+    the full preset takes about 22 MB) under `cache_limit_gb`.
     `grad_clip` is the max L2 norm of all trainable gradients together (the reference uses 0.01).
     """
 
@@ -66,7 +69,7 @@ class FinetuneOptions:
     scale_jitter: tuple[float, float] = (0.8, 1.25)
     views_per_image: int = 4
     cache_half: bool = True
-    cache_limit_gb: float = 8.0  # cached view features beyond this are evicted oldest-first (recomputed on reuse)
+    cache_limit_gb: float = 8.0  # private cache: least recently used views beyond this are recomputed on reuse
     seed: int = 0
     device: str | None = None  # None: the model's device
     num_points: int = 12544  # points per mask in the matcher and the mask losses (the reference's 112*112)
@@ -144,32 +147,21 @@ def render_view(sample: TrainSample, plan: ViewPlan, crop: int) -> tuple[torch.T
     return img, {"labels": labels, "masks": masks[keep]}
 
 
-def _nbytes(entry: dict[Any, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in entry.values())
-
-
-def _evict(cache: dict[Any, dict[Any, torch.Tensor]], budget: int) -> None:
-    """Drop the oldest cache entries until the cache holds at most `budget` bytes."""
-    total = sum(_nbytes(e) for e in cache.values())
-    for key in list(cache):
-        if total <= budget:
-            break
-        total -= _nbytes(cache.pop(key))
-
-
 def finetune(model: "ODISE", samples: list[TrainSample], options: FinetuneOptions,
              progress: Callable[[int, int, float], None] | None = None,
              should_stop: Callable[[], bool] | None = None, *, vocab: "Vocabulary",
-             feature_cache: dict[Any, dict[Any, torch.Tensor]] | None = None,
+             feature_cache: FeatureCache | None = None,
              feature_lock: ContextManager | None = None) -> FinetuneResult:
     """Fine-tune the chosen head parts of `model` on `samples` whose class indices refer to `vocab`.
 
     AdamW with linear warmup then cosine decay to 10 %; deterministic for a given seed on CPU.
     `progress(step, total, loss)` is called after every step; `should_stop()` is polled before each
-    step and ends the run early (the weights keep the updates made so far). `feature_cache`, a dict
-    the caller keeps, reuses view features across calls on the same model (keyed by image content
-    and view geometry); it is only valid while the backbone's weights stay unchanged. `feature_lock`
-    is held around every backbone pass (a server shares the frozen backbone with its serving model).
+    step and ends the run early (the weights keep the updates made so far). `feature_cache` (the
+    predictor's) keeps view features across calls and processes, keyed by the view's pixels, its kind
+    (fused, or raw when the projections train) and the backbone's weights; without one (or with a
+    disabled one) a private cache lives for this call. Views are used as stored, hit or miss, so a
+    run does not depend on what was cached. `feature_lock` is held around every backbone pass (a
+    server shares the frozen backbone with its serving model).
     """
     if not samples:
         raise ValueError("finetune needs at least one training sample")
@@ -225,36 +217,42 @@ def finetune(model: "ODISE", samples: list[TrainSample], options: FinetuneOption
             scale = float(view_rng.uniform(*options.scale_jitter))
             per.append(plan_view(hw, cfg.min_size, cfg.max_size, crop, flip, scale, view_rng))
         plans.append(per)
-    digests = [hashlib.sha1(np.ascontiguousarray(s.image).tobytes()).hexdigest() + str(s.image.shape)
-               for s in samples]
-    cache = feature_cache if feature_cache is not None else {}
+    private = None
+    if feature_cache is None or not feature_cache.enabled:
+        private = tempfile.TemporaryDirectory(prefix="odise-finetune-features-")
+        feature_cache = FeatureCache(private.name, int(options.cache_limit_gb * 2**30),
+                                     "fp16" if options.cache_half else "fp32")
+    cache = feature_cache
+    keys: dict[tuple[int, int], str] = {}
     rendered: dict[tuple[int, int], Target] = {}
-    store = torch.float16 if options.cache_half else torch.float32
-    limit_bytes = int(options.cache_limit_gb * 2**30)
     seconds_features = 0.0
 
-    def backbone_features(image01: torch.Tensor) -> dict[str, torch.Tensor] | list[torch.Tensor]:
-        """Fused features, or with trainable projections the raw diffusion features of the window."""
+    def backbone_features(image01: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Fused features, or with trainable projections the raw diffusion features of the window
+        (named by their index, zero-padded so that names sort in order)."""
         with feature_lock if feature_lock is not None else contextlib.nullcontext():
             if not raw:
                 return model.extract_features(image01)
             with torch.no_grad():
-                return model.backbone.feature_extractor(image01, model.clip.encode_image(image01))
+                feats = model.backbone.feature_extractor(image01, model.clip.encode_image(image01))
+        return {f"{k:03d}": f for k, f in enumerate(feats)}
 
-    def get_view(i: int, v: int) -> tuple[Any, Target]:
-        nonlocal seconds_features
-        key = (digests[i], plans[i][v], crop, store, raw)
-        if (i, v) not in rendered or key not in cache:
+    def get_view(i: int, v: int) -> tuple[dict[str, torch.Tensor], Target]:
+        image01 = None
+        if (i, v) not in keys:
             image01, rendered[(i, v)] = render_view(samples[i], plans[i][v], crop)
-            if key not in cache:
-                t0 = time.perf_counter()
-                feats = backbone_features(image01.to(device))
-                items = feats.items() if isinstance(feats, dict) else enumerate(feats)
-                entry = {k: f.detach().to("cpu", store) for k, f in items}
-                _evict(cache, limit_bytes - _nbytes(entry))
-                cache[key] = entry
-                seconds_features += time.perf_counter() - t0
-        return cache[key], rendered[(i, v)]
+            keys[(i, v)] = feature_key(model, image01, "raw" if raw else "fused", cache.storage,
+                                       extra=f"finetune view {plans[i][v]} crop {crop}")
+
+        def compute() -> dict[str, torch.Tensor]:
+            nonlocal seconds_features
+            t0 = time.perf_counter()
+            view = image01 if image01 is not None else render_view(samples[i], plans[i][v], crop)[0]
+            feats = backbone_features(view.to(device))
+            seconds_features += time.perf_counter() - t0
+            return feats
+
+        return cache.get_or_compute(keys[(i, v)], compute, as_stored=True), rendered[(i, v)]
 
     losses: list[float] = []
     seconds_train = 0.0
@@ -293,5 +291,9 @@ def finetune(model: "ODISE", samples: list[TrainSample], options: FinetuneOption
         for p, flag in was_trainable.items():
             p.requires_grad_(flag)
         model.eval()
+        if raw:
+            model.forget_backbone_digest()  # the projections changed: fused features get new keys
+        if private is not None:
+            private.cleanup()
     return FinetuneResult(losses=losses, steps=len(losses), stopped=stopped, seconds_features=seconds_features,
                           seconds_train=seconds_train, num_images=len(samples))

@@ -21,13 +21,15 @@ from __future__ import annotations
 from odise_core.config import ModelConfig
 from odise_core.weights.checkpoint import fetch_checkpoint, load_odise_checkpoint, state_dict_mismatch
 from odise_core.weights.clip import load_clip, resolve_clip_source
-from odise_core.weights.location import WeightsLocation, WeightsMissingError, how_to_supply, weights_dir
+from odise_core.weights.location import (WeightsLocation, WeightsMissingError, how_to_supply, source_identity,
+                                         weights_dir)
 from odise_core.weights.sd import (encode_empty_prompt, load_empty_prompt, load_sd_text_encoder, load_stable_diffusion,
                                    resolve_sd_source)
 
 __all__ = ["WeightsLocation", "WeightsMissingError", "check_weights_available", "encode_empty_prompt",
            "fetch_checkpoint", "load_clip", "load_empty_prompt", "load_odise_checkpoint", "load_sd_text_encoder",
-           "load_stable_diffusion", "resolve_clip_source", "resolve_sd_source", "state_dict_mismatch", "weights_dir"]
+           "load_stable_diffusion", "resolve_clip_source", "resolve_sd_source", "source_identity", "state_dict_mismatch",
+           "weights_dir"]
 
 
 def check_weights_available(cfg: ModelConfig) -> None:

@@ -116,3 +116,16 @@ def hf_cached(repo_id: str, filename: str, cache_dir: Path | None = None) -> boo
 
     dirs = [None] + ([str(cache_dir)] if cache_dir is not None else [])
     return any(isinstance(try_to_load_from_cache(repo_id, filename, cache_dir=d), str) for d in dirs)
+
+
+def source_identity(kind: str, location: str) -> str:
+    """`location` for caches keyed by weights: with the resolved path, size and mtime of a local file (or of
+    every file in a local directory), so replacing the weights changes it."""
+    if kind == "file":
+        stat = Path(location).stat()
+        return f"{Path(location).resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
+    if kind == "dir":
+        root = Path(location).resolve()
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+        return f"{root}:" + ",".join(f"{p.relative_to(root)}:{p.stat().st_size}:{int(p.stat().st_mtime)}" for p in files)
+    return location

@@ -1,0 +1,304 @@
+"""The backbone feature cache: exact with fp32 storage, bounded by bytes (LRU), robust to corrupt entries
+and to several processes, and keyed so that a heads-only fine-tune keeps hitting it."""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from odise_core.config import get_config
+from odise_core.feature_cache import FeatureCache, feature_key
+from odise_core.predictor import ODISEPredictor, build_predictor
+from odise_core.vocabulary import TextEmbeddingCache, Vocabulary
+
+LABELS = "person,cup,table,sky (stuff),grass (stuff),wall (stuff)"
+
+
+def _features(seed: int, size: int = 1000) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"s2": torch.randn(1, 2, size // 2, generator=g), "s3": torch.randn(1, 2, size // 4, generator=g)}
+
+
+def _bytes(storage_bytes: int, size: int = 1000) -> int:
+    """Payload bytes of `_features(size)` at `storage_bytes` per value."""
+    return storage_bytes * (2 * (size // 2) + 2 * (size // 4))
+
+
+@pytest.fixture(scope="module")
+def tiny() -> ODISEPredictor:
+    return build_predictor(get_config("tiny"), device="cpu", text_cache=TextEmbeddingCache(None))
+
+
+@pytest.fixture(scope="module")
+def vocab() -> Vocabulary:
+    return Vocabulary.from_text(LABELS)
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[np.ndarray]:
+    import skimage.data
+
+    return [skimage.data.coffee(), skimage.data.astronaut(), skimage.data.chelsea()]
+
+
+# ----------------------------------------------------------------------------- the store
+def test_miss_returns_computed_and_hit_returns_stored(tmp_path):
+    cache = FeatureCache(tmp_path, max_bytes=10**6, storage="fp16")
+    calls = []
+    computed = cache.get_or_compute("a", lambda: calls.append(1) or _features(0))
+    assert torch.equal(computed["s2"], _features(0)["s2"]) and computed["s2"].dtype == torch.float32
+    hit = FeatureCache(tmp_path, max_bytes=10**6, storage="fp16").get_or_compute("a", lambda: calls.append(1) or {})
+    assert calls == [1]
+    assert hit["s2"].dtype == torch.float32 and torch.equal(hit["s2"], _features(0)["s2"].half().float())
+    assert not torch.equal(hit["s2"], _features(0)["s2"])  # fp16 storage rounds
+    as_stored = cache.get_or_compute("b", lambda: _features(1), as_stored=True)
+    assert torch.equal(as_stored["s3"], _features(1)["s3"].half().float())
+    stats = cache.stats()
+    assert (stats.entries, stats.hits, stats.misses, stats.bytes > _bytes(2)) == (2, 1, 2, True)
+    assert stats.hit_rate == pytest.approx(1 / 3) and stats.storage == "fp16" and stats.root == str(tmp_path)
+
+
+def test_fp32_storage_is_exact_and_storage_dtypes_do_not_share_entries(tmp_path):
+    exact = FeatureCache(tmp_path, max_bytes=10**6, storage="fp32")
+    exact.get_or_compute("a", lambda: _features(0))
+    assert torch.equal(exact.get_or_compute("a", dict)["s2"], _features(0)["s2"])
+    bf16 = FeatureCache(tmp_path, max_bytes=10**6, storage="bf16")
+    assert torch.equal(bf16.get_or_compute("a", lambda: _features(2))["s2"], _features(2)["s2"])  # a miss
+    assert torch.equal(bf16.get_or_compute("a", dict)["s2"], _features(2)["s2"].bfloat16().float())
+    assert exact.stats().entries == 2 and exact.clear() == 2 and exact.stats().entries == 0
+    assert (exact.stats().hits, exact.stats().misses) == (0, 0)
+    with pytest.raises(ValueError, match="storage must be one of fp16, bf16, fp32"):
+        FeatureCache(tmp_path, 1, storage="int8")
+
+
+def test_eviction_by_bytes_keeps_the_most_recently_used(tmp_path):
+    one = _bytes(2) + 1000  # an entry with its header
+    cache = FeatureCache(tmp_path, max_bytes=3 * one)
+    for i, key in enumerate("abc"):
+        cache.get_or_compute(key, lambda i=i: _features(i))
+        os.utime(cache.path_for(key), (time.time() - 100 + i, time.time() - 100 + i))
+    cache.get_or_compute("a", dict)  # a hit makes "a" the most recent
+    cache.get_or_compute("d", lambda: _features(3))
+    assert [cache.contains(k) for k in "abcd"] == [True, False, True, True]
+    assert cache.stats().bytes <= 3 * one
+    calls = []
+    cache.get_or_compute("b", lambda: calls.append(1) or _features(1))
+    assert calls == [1]  # evicted, so recomputed
+
+
+def test_disabled_and_oversized_entries_are_computed_not_stored(tmp_path):
+    off = FeatureCache(tmp_path / "off", max_bytes=0)
+    assert torch.equal(off.get_or_compute("a", lambda: _features(0))["s2"], _features(0)["s2"])
+    assert not (tmp_path / "off").exists()
+    small = FeatureCache(tmp_path / "small", max_bytes=100)
+    assert torch.equal(small.get_or_compute("a", lambda: _features(0))["s2"], _features(0)["s2"])
+    assert small.stats().entries == 0 and small.stats().misses == 1
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "empty"])
+def test_corrupt_or_truncated_entry_is_deleted_and_recomputed(tmp_path, damage, caplog):
+    cache = FeatureCache(tmp_path, max_bytes=10**6, storage="fp32")
+    cache.get_or_compute("a", lambda: _features(0))
+    path = cache.path_for("a")
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "flip":
+        data[-10] ^= 0xFF
+    elif damage == "garbage":
+        data = bytearray(b"not a safetensors file")
+    else:
+        data = bytearray()
+    path.write_bytes(bytes(data))
+    fresh = FeatureCache(tmp_path, max_bytes=10**6, storage="fp32")
+    with caplog.at_level("WARNING", logger="odise_core.feature_cache"):
+        again = fresh.get_or_compute("a", lambda: _features(0))
+    assert torch.equal(again["s2"], _features(0)["s2"])
+    assert "deleted, the features are recomputed" in caplog.text
+    assert torch.equal(FeatureCache(tmp_path, 10**6, "fp32").get_or_compute("a", dict)["s3"], _features(0)["s3"])
+
+
+def _worker(root: str, worker: int, rounds: int, queue: multiprocessing.Queue) -> None:
+    torch.set_num_threads(1)
+    cache = FeatureCache(root, max_bytes=4 * (_bytes(4) + 1000), storage="fp32")
+    wrong = 0
+    for r in range(rounds):
+        key = f"k{(r + worker) % 6}"
+        got = cache.get_or_compute(key, lambda k=key: _features(int(k[1:])))
+        wrong += not torch.equal(got["s2"], _features(int(key[1:]))["s2"])
+    queue.put(wrong)
+
+
+def test_concurrent_processes_keep_the_cache_consistent(tmp_path):
+    ctx = multiprocessing.get_context("fork")  # spawn would import torch again in every worker: minutes here
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(str(tmp_path), w, 30, queue)) for w in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert [queue.get(timeout=5) for _ in procs] == [0, 0, 0]
+    cache = FeatureCache(tmp_path, max_bytes=4 * (_bytes(4) + 1000), storage="fp32")
+    stats = cache.stats()
+    assert stats.hits + stats.misses == 90 and stats.misses >= 6
+    assert 1 <= stats.entries <= 4 and stats.bytes <= cache.max_bytes
+    assert not list(Path(tmp_path).glob(".tmp-*"))
+    for key in [f"k{i}" for i in range(6)]:
+        if cache.contains(key):  # every entry left is whole and holds its own key's features
+            assert torch.equal(cache.get_or_compute(key, dict)["s2"], _features(int(key[1:]))["s2"])
+
+
+# ----------------------------------------------------------------------------- the predictor
+def _same(a, b) -> None:
+    assert torch.equal(a.class_probs, b.class_probs) and torch.equal(a.mask_logits, b.mask_logits)
+    assert [(s.class_index, s.score, s.is_thing) for s in a.segments] == \
+        [(s.class_index, s.score, s.is_thing) for s in b.segments]
+    assert all(np.array_equal(s.mask, t.mask) for s, t in zip(a.segments, b.segments))
+
+
+def test_fp32_cached_predictions_equal_uncached(tiny, vocab, photos, tmp_path):
+    plain = [tiny.predict_raw(photos[0], vocab)]
+    assert plain[0].feature_cache is None
+    tiny.feature_cache = FeatureCache(tmp_path, max_bytes=10**9, storage="fp32")
+    try:
+        misses = [tiny.predict_raw(photos[0], vocab)]
+        hits = [tiny.predict_raw(photos[0], vocab)]
+    finally:
+        tiny.feature_cache = None
+    assert [r.feature_cache for r in misses + hits] == ["miss", "hit"]
+    for a, b, c in zip(plain, misses, hits):
+        _same(a, b)
+        _same(a, c)
+        assert c.timings["backbone"] > 0
+
+
+def _panoptic(pred, size) -> np.ndarray:
+    """Per-pixel (class index + 1) of the panoptic segments, 0 where no segment."""
+    out = np.zeros(size, dtype=np.int64)
+    for s in pred.segments:
+        out[s.mask] = s.class_index + 1
+    return out
+
+
+@pytest.mark.parametrize("storage,max_prob_diff,max_pixels_pct", [("fp16", 2e-3, 0.5), ("bf16", 2e-2, 5.0)])
+def test_compact_storage_stays_close_to_the_uncached_pass(tiny, vocab, photos, tmp_path, storage, max_prob_diff,
+                                                          max_pixels_pct):
+    """Bounds a few times the measured figures (README, Feature cache); a first pass and a hit agree exactly."""
+    tiny.feature_cache = None
+    plain = [tiny.predict_raw(p, vocab) for p in photos]
+    tiny.feature_cache = FeatureCache(tmp_path, max_bytes=10**9, storage=storage)
+    try:
+        first = [tiny.predict_raw(p, vocab) for p in photos]
+        again = [tiny.predict_raw(p, vocab) for p in photos]
+    finally:
+        tiny.feature_cache = None
+    diffs, pixels = [], []
+    for p, a, b, c in zip(photos, plain, first, again):
+        _same(b, c)  # used as stored on the first pass too
+        diffs.append(float((a.class_probs - b.class_probs).abs().max()))
+        pixels.append(100.0 * float((_panoptic(a, p.shape[:2]) != _panoptic(b, p.shape[:2])).mean()))
+    print(f"{storage}: max |dp| {max(diffs):.2e}, panoptic pixels differing {max(pixels):.3f}% (per photo "
+          f"{', '.join(f'{d:.1e}/{x:.3f}%' for d, x in zip(diffs, pixels))})")
+    assert 0 < max(diffs) < max_prob_diff and max(pixels) < max_pixels_pct
+
+
+def test_key_follows_inputs_precision_storage_and_backbone_weights(tiny, photos):
+    from odise_core.preprocess import prepare
+
+    padded = prepare(photos[0], tiny.cfg.backbone).tensor
+    key = feature_key(tiny.model, padded, "fused", "fp16")
+    assert key == feature_key(tiny.model, padded.clone(), "fused", "fp16")
+    nudged = padded.clone()
+    nudged[0, 0, 0, 0] += 1e-3
+    others = [feature_key(tiny.model, nudged, "fused", "fp16"), feature_key(tiny.model, padded, "raw", "fp16"),
+              feature_key(tiny.model, padded, "fused", "fp32"),
+              feature_key(tiny.model, padded, "fused", "fp16", torch.bfloat16),
+              feature_key(tiny.model, padded, "fused", "fp16", extra="view 1")]
+    assert len({key, *others}) == 6
+    state = {k: v.clone() for k, v in tiny.trainable_state_dict().items()}
+    heads = {k: (v + 1 if k.startswith("sem_seg_head.predictor.") and v.is_floating_point() else v)
+             for k, v in state.items()}
+    projections = {k: (v + 1 if k.startswith("backbone.feature_projections.") and v.is_floating_point() else v)
+                   for k, v in state.items()}
+    raw = feature_key(tiny.model, padded, "raw", "fp16")
+    try:
+        tiny.load_trainable_state_dict(heads)
+        assert feature_key(tiny.model, padded, "fused", "fp16") == key  # heads-only: the features stand
+        tiny.load_trainable_state_dict(projections)
+        assert feature_key(tiny.model, padded, "fused", "fp16") != key
+        assert feature_key(tiny.model, padded, "raw", "fp16") == raw  # raw features skip the projections
+    finally:
+        tiny.load_trainable_state_dict(state)
+    assert feature_key(tiny.model, padded, "fused", "fp16") == key
+
+
+def test_heads_only_fine_tune_keeps_hitting_and_a_projection_fine_tune_misses(photos, vocab, tmp_path):
+    from odise_core.tools.synthetic import make_scene
+    from odise_core.training.finetune import FinetuneOptions, TrainSample, finetune
+
+    predictor = build_predictor(get_config("tiny"), device="cpu", text_cache=TextEmbeddingCache(None),
+                                feature_cache=FeatureCache(tmp_path / "features", 10**9, storage="fp32"))
+    scene = make_scene(3, size=128)
+    samples = [TrainSample(scene.image, scene.masks, scene.classes % len(vocab))]
+    image = photos[2]
+    first = predictor.predict_raw(image, vocab)
+    options = FinetuneOptions(steps=2, views_per_image=2, num_points=256, lr=1e-3, grad_clip=None)
+    finetune(predictor.model, samples, options, vocab=vocab, feature_cache=predictor.feature_cache)
+    stats = predictor.feature_cache.stats()
+    assert stats.entries == stats.misses >= 2  # the image and the views the steps drew
+    heads = predictor.predict_raw(image, vocab)
+    assert (first.feature_cache, heads.feature_cache) == ("miss", "hit")
+    assert not torch.equal(first.class_probs, heads.class_probs)  # the heads changed, the features stand
+    predictor.feature_cache, cached = None, predictor.feature_cache
+    _same(predictor.predict_raw(image, vocab), heads)  # exact storage: a hit predicts as a fresh pass
+    predictor.feature_cache = cached
+    options.trainable = ("feature_projections", "predictor")
+    finetune(predictor.model, samples, options, vocab=vocab, feature_cache=predictor.feature_cache)
+    assert predictor.predict_raw(image, vocab).feature_cache == "miss"
+
+
+# ----------------------------------------------------------------------------- odise-ls cache
+def test_cache_command_shows_and_clears(tmp_path, capsys, monkeypatch):
+    from backend.cli import main
+
+    monkeypatch.delenv("FEATURE_CACHE_DIR")
+    monkeypatch.delenv("FEATURE_CACHE_DTYPE")
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path / "models"))
+    cache = FeatureCache(tmp_path / "models" / "feature_cache", max_bytes=10**6, storage="fp16")
+    for key in ("a", "b", "a"):
+        cache.get_or_compute(key, lambda: _features(0))
+    size = cache.stats().bytes
+    assert main(["cache", "--json", "--feature-cache-mb", "2"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown == {"entries": 2, "bytes": size, "max_bytes": 2 * 2**20, "hits": 1, "misses": 2,
+                     "hit_rate": pytest.approx(1 / 3), "storage": "fp16", "root": str(cache.root)}
+    assert main(["cache"]) == 0
+    text = capsys.readouterr().out
+    assert f"feature cache {cache.root}" in text and "entries   2" in text and "33.3% (1 hits, 2 misses)" in text
+    assert f"{size / 2**20:.1f} MB of 16384 MB max" in text
+    assert main(["cache", "clear", "--json"]) == 0
+    cleared = json.loads(capsys.readouterr().out)
+    assert (cleared["removed"], cleared["entries"], cleared["bytes"], cleared["hits"]) == (2, 0, 0, 0)
+    assert not cache.contains("a")
+    assert main(["cache", "clear", "--feature-cache-dir", str(tmp_path / "elsewhere")]) == 0
+    assert capsys.readouterr().out == f"removed 0 entries from {tmp_path / 'elsewhere'}\n"
+    monkeypatch.setenv("FEATURE_CACHE_MB", "lots")
+    assert main(["cache"]) == 2
+    assert "FEATURE_CACHE_MB='lots' is not a number" in capsys.readouterr().err
+
+
+def test_fine_tune_candidates_and_served_versions_share_the_feature_cache(tiny, tmp_path):
+    from backend.learning.serving import copy_sharing_frozen
+
+    tiny.feature_cache = FeatureCache(tmp_path, max_bytes=10**6)
+    try:
+        assert copy_sharing_frozen(tiny).feature_cache is tiny.feature_cache
+    finally:
+        tiny.feature_cache = None
