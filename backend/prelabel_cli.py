@@ -34,6 +34,8 @@ def add_arguments(p: Any) -> None:
                    help="run on Ray: ADDRESS 'auto' (the cluster of `ray start`), ray://host:port, or nothing for "
                         "a local cluster (needs odise-label-studio[ray])")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="with --ray: GPUs per actor (0.5 = two per GPU)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0,
+                   help="with --ray: CPUs Ray reserves per actor; the actor's torch threads (default 1)")
     p.add_argument("--prefetch", type=int, default=4, help=f"images read ahead of the model (max {MAX_PREFETCH})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
