@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import threading
-import time
 import uuid
 from dataclasses import dataclass, field, fields
 from pathlib import Path
