@@ -89,6 +89,28 @@ def test_interactive_reports_first_and_cached_answers():
     assert 0 < report["cached_click_seconds"]["p50"] <= report["cached_click_seconds"]["max"]
 
 
+def test_al_round_reports_both_passes_the_cache_and_the_refresh():
+    from tests.e2e.label_studio import find_label_studio
+
+    with_ls = find_label_studio() is not None
+    report = json.loads(_run("al_round.py", "--preset", "tiny", "--images", "2", "--tasks", "3", "--steps", "1",
+                             "--json", *([] if with_ls else ["--no-label-studio"])))
+    first, second = report["first_pass"], report["second_pass"]
+    assert [r["cache"] for r in first] == ["miss", "miss"] and [r["cache"] for r in second] == ["hit", "hit"]
+    assert [r["image"] for r in first] == [r["image"] for r in second]
+    assert report["first_median_s"] == statistics.median(r["seconds"] for r in first)
+    assert report["ratio"] == round(report["first_median_s"] / report["second_median_s"], 2)
+    assert report["cache_entries"] == 2 and report["bytes_per_cached_image"] == report["cache_bytes"] // 2 > 0
+    assert report["classes"] == 133 and report["finetune"]["version"] == "v0001" and report["finetune"]["steps"] == 1
+    refresh = report["refresh"]
+    if not with_ls:
+        assert refresh is None
+        return
+    assert (refresh["state"], refresh["done"], refresh["total"], refresh["failed"]) == ("done", 3, 3, 0)
+    assert refresh["deleted"] == 3 and len(refresh["versions_after"]) == 1
+    assert refresh["versions_after"][0].endswith("-v0001") and refresh["seconds"] > 0
+
+
 def test_prelabel_scaling_reports_interleaved_rounds_of_warm_models():
     pytest.importorskip("ray")
     results = json.loads(_run("prelabel_scaling.py", "--fast", "--images", "2", "--workers", "1", "2",
