@@ -5,33 +5,39 @@ the work (project tasks without a prediction of the serving model version, or fo
 yet in the import JSON), hands one image at a time to `PrelabelWorker` actors, and records every
 answer itself (import JSON journal, or predictions sent to Label Studio in batches). Actors build
 their model once with `backend.settings.build_model` through `ODISEBackend`, exactly as the
-single-process path does, and fetch their images themselves (Label Studio credentials travel in
-the pickled settings, whose repr hides the key). An image whose actor dies is handed to another
-actor; an image that kills two actors is listed as failed. Ray is imported lazily: it is the
-optional extra `odise-label-studio[ray]`.
+single-process path does, run torch on as many threads as the CPUs Ray reserved for them (more
+threads than cores makes every actor wait on descheduled threads), and fetch their images
+themselves (Label Studio credentials travel in the pickled settings, whose repr hides the key).
+An actor that dies is replaced by a new one, so a long run keeps its N workers, and its images
+are handed on; an image that kills two actors is listed as failed. Ray is imported lazily: it is
+the optional extra `odise-label-studio[ray]`.
 """
 from __future__ import annotations
 
 import logging
+import os
+import resource
 import time
 import uuid
 from collections import deque
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from backend.prelabel import (LOCAL_FILES_PREFIX, Failure, ImportFile, PredictionWriter, PrelabelSummary, _has_version,
-                              _Runner, image_url, list_images, project_tasks)
+from backend.batch import Failure, PrelabelSummary
+from backend.prelabel import (LOCAL_FILES_PREFIX, ImportFile, PredictionWriter, _has_version, _Runner, image_url,
+                              list_images, project_tasks)
 
 log = logging.getLogger(__name__)
 
 IN_FLIGHT_PER_WORKER = 2  # the next image waits in the actor's queue while the current one runs
 MAX_ATTEMPTS = 2  # an image that killed this many actors is listed as failed instead of killing more
 ACTOR_PREFIX = "odise-prelabel"
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 class RayUnavailable(RuntimeError):
@@ -62,12 +68,33 @@ def connect(address: str | None) -> Any:
     return ray
 
 
+def thread_count(cpus: float) -> int:
+    """Torch threads for an actor that reserved `cpus` CPUs: that many (at least one), never the whole node."""
+    return max(1, int(cpus))
+
+
+@dataclass
+class WorkerStats:
+    """What one actor did: images answered, seconds spent in them (wall and CPU), its peak memory."""
+
+    name: str
+    pid: int
+    threads: int
+    images: int
+    busy_seconds: float
+    cpu_seconds: float
+    peak_rss_mb: float
+
+
 class PrelabelWorker:
     """One model in one Ray actor: the single-process path's backend, config and model, built once."""
 
-    def __init__(self, settings: Any, label_config: str, project: str | None):
+    def __init__(self, settings: Any, label_config: str, project: str | None, threads: int = 1):
+        import torch
+
         from backend.model import ModelLoadFailed, ODISEBackend
 
+        torch.set_num_threads(threads)
         logging.getLogger("backend.model").setLevel(logging.WARNING)  # a line per task would flood the driver
         backend = ODISEBackend(settings)
         backend.start_loading(background=False)
@@ -75,42 +102,76 @@ class PrelabelWorker:
             raise ModelLoadFailed(backend.error)
         version, model = backend.model_for(project)
         self.runner = _Runner(backend, backend.parse_config(label_config), model, version)
+        self.images, self.busy_seconds, self.cpu_seconds = 0, 0.0, 0.0
 
     def model_version(self) -> str:
         return self.runner.version
 
     def predict(self, task: dict[str, Any]) -> dict[str, Any]:
         """The prediction of `task`, or an entry with "error" and no "result" (never raises for one image)."""
-        return self.runner.backend.predict_task(task, self.runner.config, self.runner.model, self.runner.version)
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            return self.runner.backend.predict_task(task, self.runner.config, self.runner.model, self.runner.version)
+        finally:
+            self.images += 1
+            self.busy_seconds += time.perf_counter() - wall
+            self.cpu_seconds += time.process_time() - cpu
+
+    def stats(self) -> WorkerStats:
+        import ray
+        import torch
+
+        return WorkerStats(ray.get_runtime_context().get_actor_name() or "", os.getpid(), torch.get_num_threads(),
+                           self.images, self.busy_seconds, self.cpu_seconds,
+                           resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 @dataclass
 class RaySummary(PrelabelSummary):
-    """A Ray run: the single-process summary plus how many actors ran, died, and images handed on."""
+    """A Ray run: the single-process summary plus the actors' fate and what each did (`worker_stats`, at the end)."""
 
     workers: int = 0
     workers_lost: int = 0
+    workers_replaced: int = 0
     retried: int = 0
+    worker_stats: list[WorkerStats] = field(default_factory=list)
 
     def format(self) -> str:
+        images = ", ".join(str(w.images) for w in self.worker_stats) or "-"
         return (super().format() + f"\n{self.workers} Ray worker(s), {self.workers_lost} lost, "
-                f"{self.retried} image(s) retried on another worker")
+                f"{self.workers_replaced} replaced, {self.retried} image(s) retried on another worker; "
+                f"images per worker at the end: {images}")
 
 
 class WorkerPool:
-    """The run's actors: started with the resources asked for, named so they can be found in the cluster."""
+    """The run's actors: started with the resources asked for, named so they can be found in the cluster.
+
+    `replace` swaps a dead actor for a new one with the same resources; `shutdown` kills them all.
+    """
 
     def __init__(self, settings: Any, label_config: str, project: str | None, workers: int,
                  gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0):
         if workers < 1:
             raise ValueError(f"--workers must be at least 1, got {workers}")
+        if cpus_per_worker <= 0 or gpus_per_worker < 0:
+            raise ValueError(f"--cpus-per-worker must be above 0 and --gpus-per-worker at least 0, got "
+                             f"{cpus_per_worker:g} and {gpus_per_worker:g}")
         ray = import_ray()
         self.ray = ray
-        remote = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)(PrelabelWorker)
-        run = uuid.uuid4().hex[:8]
-        self.actors = [remote.options(name=f"{ACTOR_PREFIX}-{run}-{i}").remote(settings, label_config, project)
-                       for i in range(workers)]
+        threads = thread_count(cpus_per_worker)
+        self._remote = ray.remote(PrelabelWorker)
+        self._options = dict(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
+                             runtime_env={"env_vars": {name: str(threads) for name in THREAD_VARIABLES}})
+        self._args = (settings, label_config, project, threads)
+        self._run = uuid.uuid4().hex[:8]
+        self._started = 0
+        self.actors: list[Any] = [self._start() for _ in range(workers)]
         self.version = self._agreed_version()
+
+    def _start(self) -> Any:
+        name = f"{ACTOR_PREFIX}-{self._run}-{self._started}"
+        self._started += 1
+        return self._remote.options(name=name, **self._options).remote(*self._args)
 
     def _agreed_version(self) -> str:
         from backend.model import ModelLoadFailed
@@ -121,13 +182,43 @@ class WorkerPool:
             self.shutdown()
             raise ModelLoadFailed(f"a Ray worker could not build the model: {e}") from None
         if len(set(versions)) != 1:
+            self.shutdown()
             raise WorkersDisagree(f"Ray workers built different model versions {sorted(set(versions))}: every node "
                                   "must see the same weights, settings and MODEL_DIR")
         return versions[0]
 
+    def replace(self, dead: Any) -> Any:
+        """Kill `dead` (if it is not dead yet) and start a new actor in its place; the new one builds its model."""
+        self.discard(dead)
+        actor = self._start()
+        self.actors.append(actor)
+        return actor
+
+    def discard(self, actor: Any) -> None:
+        if actor in self.actors:
+            self.actors.remove(actor)
+        self.ray.kill(actor)
+
+    def stats(self, actors: Sequence[Any]) -> list[WorkerStats]:
+        """What each of `actors` did so far; actors that died meanwhile are left out."""
+        stats = []
+        for ref in [a.stats.remote() for a in actors]:
+            try:
+                stats.append(self.ray.get(ref))
+            except self.ray.exceptions.RayActorError:
+                continue
+        return stats
+
     def shutdown(self) -> None:
         for actor in self.actors:
             self.ray.kill(actor)
+        self.actors = []
+
+    def __enter__(self) -> "WorkerPool":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
 
 
 def distribute(pool: WorkerPool, items: Sequence[dict[str, Any]], name: Callable[[dict[str, Any]], str],
@@ -135,11 +226,15 @@ def distribute(pool: WorkerPool, items: Sequence[dict[str, Any]], name: Callable
                progress: bool = True) -> None:
     """Predict every task of `items` on the pool's actors; `on_result(task, prediction)` runs here, per answer.
 
-    Failures (error entries, `on_result` raising, an image that killed MAX_ATTEMPTS actors, no actor
-    left) are recorded in `summary`, and the run goes on.
+    Each actor has IN_FLIGHT_PER_WORKER images queued, so it never waits for the driver. A dead actor
+    is replaced at once; the new one joins when its model is built and reports the run's version
+    (one that cannot start or disagrees is dropped, not replaced again). Failures (error entries,
+    `on_result` raising, an image that killed MAX_ATTEMPTS actors, no actor left) are recorded in
+    `summary`, and the run goes on.
     """
     ray = pool.ray
     live = list(pool.actors)
+    starting: dict[Any, Any] = {}  # model_version ref -> replacement actor still building its model
     queue: deque[tuple[int, int]] = deque((i, 0) for i in range(len(items)))  # (item index, actors it killed)
     in_flight: dict[Any, tuple[Any, int, int]] = {}  # ref -> (actor, item index, attempts)
     summary.workers = len(live)
@@ -150,29 +245,59 @@ def distribute(pool: WorkerPool, items: Sequence[dict[str, Any]], name: Callable
         log.warning("%s failed: %s", name(items[index]), error)
 
     def dispatch() -> None:
-        for actor in live:
-            busy = sum(1 for a, _, _ in in_flight.values() if a is actor)
-            while queue and busy < IN_FLIGHT_PER_WORKER:
-                index, attempts = queue.popleft()
-                in_flight[actor.predict.remote(items[index])] = (actor, index, attempts)
-                busy += 1
+        """Top every live actor up to IN_FLIGHT_PER_WORKER images, one level at a time (a short list is shared)."""
+        busy = {id(a): 0 for a in live}
+        for a, _, _ in in_flight.values():
+            busy[id(a)] = busy.get(id(a), 0) + 1
+        for level in range(1, IN_FLIGHT_PER_WORKER + 1):
+            for actor in live:
+                if queue and busy[id(actor)] < level:
+                    index, attempts = queue.popleft()
+                    in_flight[actor.predict.remote(items[index])] = (actor, index, attempts)
+                    busy[id(actor)] += 1
+
+    def lost(actor: Any, error: Exception) -> None:
+        if actor in live:
+            live.remove(actor)
+            summary.workers_lost += 1
+            replacement = pool.replace(actor)
+            starting[replacement.model_version.remote()] = replacement
+            log.warning("a Ray worker died (%s); a new one is starting, its images go to the %d other(s) meanwhile",
+                        type(error).__name__, len(live))
+
+    def joined(ref: Any) -> None:
+        actor = starting.pop(ref)
+        try:
+            version = ray.get(ref)
+        except ray.exceptions.RayError as e:
+            pool.discard(actor)
+            log.warning("a replacement Ray worker could not start (%s); going on with %d", e, len(live))
+            return
+        if version != pool.version:
+            pool.discard(actor)
+            log.warning("a replacement Ray worker built model version %s instead of %s; going on with %d",
+                        version, pool.version, len(live))
+            return
+        live.append(actor)
+        summary.workers_replaced += 1
 
     with tqdm(total=len(items), desc="prelabel (ray)", unit="img", disable=not progress, dynamic_ncols=True) as bar, \
             (logging_redirect_tqdm() if progress else nullcontext()):
         dispatch()
-        while in_flight:
-            (ref,), _ = ray.wait(list(in_flight), num_returns=1)
+        while in_flight or (queue and starting):
+            (ref,), _ = ray.wait(list(in_flight) + list(starting), num_returns=1)
+            if ref in starting:
+                joined(ref)
+                dispatch()
+                continue
             actor, index, attempts = in_flight.pop(ref)
             try:
                 prediction = ray.get(ref)
             except ray.exceptions.RayActorError as e:
-                if actor in live:
-                    live.remove(actor)
-                    summary.workers_lost += 1
-                    log.warning("a Ray worker died (%s); its images go to the %d other(s)", type(e).__name__, len(live))
+                lost(actor, e)
                 if attempts + 1 >= MAX_ATTEMPTS:
                     fail(index, f"the image killed {attempts + 1} Ray workers")
-                elif not live:
+                elif not (live or starting):
                     fail(index, "no Ray worker left")
                 else:
                     summary.retried += 1
@@ -191,16 +316,21 @@ def distribute(pool: WorkerPool, items: Sequence[dict[str, Any]], name: Callable
             bar.update(1)
             bar.set_postfix(failed=len(summary.failures), refresh=False)
             dispatch()
-        for index, _ in queue:  # left over only when every actor died
+        for index, _ in queue:  # left over only when every actor died and none could be started
             fail(index, "no Ray worker left")
     summary.seconds = time.perf_counter() - start
+    summary.worker_stats = pool.stats(live)
 
 
 # ----------------------------------------------------------------------------- the two modes
 def prelabel_folder_on_ray(settings: Any, label_config: str, folder: str | Path, out_json: str | Path,
-                           workers: int = 2, gpus_per_worker: float = 0.0, document_root: str | Path | None = None,
-                           url_prefix: str = LOCAL_FILES_PREFIX, progress: bool = True) -> RaySummary:
-    """`backend.prelabel.prelabel_folder` on Ray actors; the folder must be at the same path on every node."""
+                           workers: int = 2, gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0,
+                           document_root: str | Path | None = None, url_prefix: str = LOCAL_FILES_PREFIX,
+                           progress: bool = True, pool: WorkerPool | None = None) -> RaySummary:
+    """`backend.prelabel.prelabel_folder` on Ray actors; the folder must be at the same path on every node.
+
+    `pool`: run on these actors (built for this label config, kept running) instead of starting `workers`.
+    """
     from backend.label_config import parse_label_config
 
     targets = parse_label_config(label_config).targets
@@ -212,28 +342,26 @@ def prelabel_folder_on_ray(settings: Any, label_config: str, folder: str | Path,
     images = list_images(folder)
     urls = {p.resolve().as_uri(): image_url(p, root, url_prefix) for p in images}
     out = ImportFile(out_json, data_key)
-    pool = WorkerPool(settings, label_config, None, workers, gpus_per_worker)
-    try:
-        todo = [{"id": None, "data": {data_key: uri}} for uri, url in urls.items() if not out.done(url, pool.version)]
-        summary = RaySummary(total=len(images), skipped=len(images) - len(todo), model_version=pool.version)
+    with nullcontext(pool) if pool is not None else \
+            WorkerPool(settings, label_config, None, workers, gpus_per_worker, cpus_per_worker) as actors:
+        todo = [{"id": None, "data": {data_key: uri}} for uri, url in urls.items() if not out.done(url, actors.version)]
+        summary = RaySummary(total=len(images), skipped=len(images) - len(todo), model_version=actors.version)
         try:
-            distribute(pool, todo, lambda t: urls[t["data"][data_key]],
+            distribute(actors, todo, lambda t: urls[t["data"][data_key]],
                        lambda t, p: out.add(urls[t["data"][data_key]], p), summary, progress)
         finally:
             out.write()
-    finally:
-        pool.shutdown()
     log.info("import JSON with %d task(s) written to %s", len(out.tasks), out.path)
     return summary
 
 
 def prelabel_project_on_ray(settings: Any, client: Any, project_id: int, workers: int = 2,
-                            gpus_per_worker: float = 0.0, progress: bool = True) -> RaySummary:
+                            gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0,
+                            progress: bool = True) -> RaySummary:
     """`backend.prelabel.prelabel_project` on Ray actors; predictions are written in batches (PredictionWriter)."""
     project = client.projects.get(id=project_id)
     tasks = project_tasks(client, project_id)
-    pool = WorkerPool(settings, project.label_config, str(project_id), workers, gpus_per_worker)
-    try:
+    with WorkerPool(settings, project.label_config, str(project_id), workers, gpus_per_worker, cpus_per_worker) as pool:
         todo = [t for t in tasks if not _has_version(t.get("predictions"), pool.version)]
         summary = RaySummary(total=len(tasks), skipped=len(tasks) - len(todo), model_version=pool.version)
         writer = PredictionWriter(client, project_id)
@@ -243,8 +371,6 @@ def prelabel_project_on_ray(settings: Any, client: Any, project_id: int, workers
             writer.flush()
             summary.predicted -= len(writer.failures)
             summary.failures += writer.failures
-    finally:
-        pool.shutdown()
     return summary
 
 
@@ -252,7 +378,8 @@ def prelabel_project_on_ray(settings: Any, client: Any, project_id: int, workers
 def run_command(args: Any, settings: Any, client: Any, label_config: str | None) -> RaySummary:
     """`odise-ls prelabel --ray`: connect to the cluster, then run the mode the flags ask for."""
     connect(args.ray)
-    options = dict(workers=args.workers, gpus_per_worker=args.gpus_per_worker, progress=not args.no_progress)
+    options = dict(workers=args.workers, gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+                   progress=not args.no_progress)
     if client is not None:
         return prelabel_project_on_ray(settings, client, args.project, **options)
     return prelabel_folder_on_ray(settings, label_config, args.folder, args.out, document_root=settings.document_root,

@@ -1,15 +1,28 @@
 """Pre-labeling throughput on Ray: 1 vs N model-holding actors against the single-process path.
 
 Folder mode on generated images (random pixels; cost does not depend on content), local Ray
-cluster with one CPU per actor. Prints images/s for the single process and for each worker count,
-the ratio to one worker, the actors' start-up (model build) time, the driver's CPU time per image
-and the overhead per image of a 1-actor Ray run over the single process (wall clock).
+cluster. Every model is built and warmed on one extra image before anything is timed; the single
+process runs in this process with as many torch threads as one actor (`--cpus-per-worker`), on
+the same images, in the same run. With `--repeat R` the runs are interleaved (round r starts at
+a different configuration), so a slow spell on a shared machine hits every configuration; each
+figure is then the median over the rounds, and ratios are taken within a round.
 
-    PYTHONPATH=. python benchmarks/prelabel_scaling.py                 # tiny preset, 16 images, 1 and 2 workers
-    PYTHONPATH=. python benchmarks/prelabel_scaling.py --images 4 --json   # smoke run
+Printed per configuration: images/s, the actors' CPU seconds per image, the cores they got (CPU
+seconds per second: on a shared machine, what bounds the ratio), how busy they were (share of the
+wall time spent in `predict`), and for Ray the driver's CPU per image. Also the
+actors' start-up (model build), their peak RSS, the ratio of N workers to 1, and the 1-worker run's
+wall-clock overhead per image over the single process (dispatch, transfer and bookkeeping that
+the actor's queue does not hide).
 
-Workers run at normal priority (RAY_worker_niceness=0) so that they compete with the single
-process on equal terms. On a shared machine, run it when it is idle: every figure is wall clock.
+    PYTHONPATH=. python benchmarks/prelabel_scaling.py                       # tiny, 16 images, 1 and 2 workers
+    PYTHONPATH=. python benchmarks/prelabel_scaling.py --repeat 3            # interleaved rounds (shared machine)
+    PYTHONPATH=. python benchmarks/prelabel_scaling.py --images 2 --json     # smoke run
+    PYTHONPATH=. python benchmarks/prelabel_scaling.py --preset odise-label-coco --random-weights \\
+        --workers 1 --cpus-per-worker 2 --images 3 --no-single             # memory and speed of one full actor
+
+Actors run at normal priority (RAY_worker_niceness=0) so that they compete with the single
+process on equal terms, and Ray's memory monitor is off (other jobs' memory must not get them
+killed). Note the load average printed at the start and end: figures are wall clock.
 """
 from __future__ import annotations
 
@@ -17,85 +30,205 @@ import argparse
 import json
 import logging
 import os
+import resource
+import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from backend.label_config import make_label_config
 from backend.model import ODISEBackend
 from backend.prelabel import prelabel_folder
-from backend.ray_prelabel import import_ray, prelabel_folder_on_ray
+from backend.ray_prelabel import WorkerPool, import_ray, prelabel_folder_on_ray, thread_count
 from backend.settings import BackendSettings
 from odise_core.vocabulary import Vocabulary
 
 LABELS = "person,cat,dog,car,tree,sky,grass,road"
 
 
-def make_images(folder: Path, count: int, size: int, seed: int = 0) -> None:
+def make_images(folder: Path, count: int, size: int, seed: int = 0) -> list[Path]:
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True)
-    for i in range(count):
-        pixels = rng.integers(0, 256, (size, size * 4 // 3, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(folder / f"img{i:04d}.png")
+    paths = [folder / f"img{i:04d}.png" for i in range(count)]
+    for path in paths:
+        Image.fromarray(rng.integers(0, 256, (size, size * 4 // 3, 3), dtype=np.uint8)).save(path)
+    return paths
+
+
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def progress(line: str) -> None:
+    """A line on stderr as each step ends: a full-preset run takes long, and what ended is worth knowing."""
+    print(f"[{time.strftime('%H:%M:%S')}, load {load()}] {line}", file=sys.stderr, flush=True)
+
+
+class Bench:
+    """The models (one single-process backend, one actor pool per worker count) and the timed runs."""
+
+    def __init__(self, args: argparse.Namespace, root: Path):
+        self.args, self.root = args, root
+        self.folder = root / "images"
+        make_images(self.folder, args.images, args.size)
+        warm = make_images(root / "warm", 1, args.size, seed=1)[0]
+        self.warm_task = {"id": None, "data": {"image": warm.resolve().as_uri()}}
+        self.xml = make_label_config(Vocabulary.from_text(LABELS), kind="polygon")
+        self.settings = BackendSettings.from_env({}, preset=args.preset, device="cpu", fast=args.fast,
+                                                 random_weights=args.random_weights, model_dir=root / "models")
+        self.runs = 0
+        self.backend: ODISEBackend | None = None
+        self.pools: dict[int, WorkerPool] = {}
+        self.startup: dict[int, float] = {}
+        self.first_image: dict[int, float] = {}
+
+    def build_single(self) -> None:
+        self.backend = ODISEBackend(self.settings)
+        self.backend.start_loading(background=False)
+        if self.backend.error:
+            raise SystemExit(self.backend.error)
+        version, model = self.backend.model_for(None)
+        self.backend.predict_task(self.warm_task, self.backend.parse_config(self.xml), model, version)
+
+    def build_pool(self, workers: int) -> None:
+        t0 = time.perf_counter()
+        pool = WorkerPool(self.settings, self.xml, None, workers, cpus_per_worker=self.args.cpus_per_worker)
+        self.startup[workers] = time.perf_counter() - t0
+        progress(f"{workers} actor(s) built their models in {self.startup[workers]:.1f} s")
+        t0 = time.perf_counter()
+        import_ray().get([actor.predict.remote(self.warm_task) for actor in pool.actors])
+        self.first_image[workers] = time.perf_counter() - t0
+        progress(f"{workers} actor(s) answered their first (warm-up) image in {self.first_image[workers]:.1f} s")
+        self.pools[workers] = pool
+
+    def run(self, config: str | int) -> dict[str, Any]:
+        """One timed pass over the images: single process ("single") or a pool of `config` actors."""
+        self.runs += 1
+        out = self.root / f"run{self.runs}.json"
+        n = self.args.images
+        if config == "single":
+            cpu0 = time.process_time()
+            summary = prelabel_folder(self.backend, self.xml, self.folder, out, progress=False)
+            cpu = time.process_time() - cpu0
+            row = {"actor_cpu_s_per_image": round(cpu / n, 3), "cores": round(cpu / summary.seconds, 3), "busy": None,
+                   "driver_cpu_ms_per_image": None}
+        else:
+            pool = self.pools[config]
+            before = {w.pid: w for w in pool.stats(pool.actors)}
+            cpu0 = time.process_time()
+            summary = prelabel_folder_on_ray(self.settings, self.xml, self.folder, out, progress=False, pool=pool)
+            cpu = time.process_time() - cpu0
+            after = summary.worker_stats
+            busy = sum(w.busy_seconds - before[w.pid].busy_seconds for w in after)
+            actor_cpu = sum(w.cpu_seconds - before[w.pid].cpu_seconds for w in after)
+            row = {"actor_cpu_s_per_image": round(actor_cpu / n, 3), "cores": round(actor_cpu / summary.seconds, 3),
+                   "busy": round(busy / (config * summary.seconds), 3),
+                   "driver_cpu_ms_per_image": round(1000 * cpu / n, 1)}
+        assert summary.predicted == n and not summary.failures, summary.format()
+        progress(f"{config}: {summary.images_per_second:.3f} images/s")
+        return {"images_per_s": round(summary.images_per_second, 4), "seconds": round(summary.seconds, 3), **row}
+
+
+def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each figure's median over the rounds, plus every round's images/s."""
+    keys = [k for k in rows[0] if rows[0][k] is not None]
+    out: dict[str, Any] = {k: round(statistics.median(r[k] for r in rows), 4) for k in keys}
+    out["rounds_images_per_s"] = [r["images_per_s"] for r in rows]
+    return out
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    ray = import_ray()
+    torch.set_num_threads(thread_count(args.cpus_per_worker))  # the single process gets one actor's threads
+    configs: list[str | int] = ([] if args.no_single else ["single"]) + list(args.workers)
+    results: dict[str, Any] = {"preset": args.preset, "fast": args.fast, "images": args.images, "size": args.size,
+                               "cpus": os.cpu_count(), "cpus_per_worker": args.cpus_per_worker,
+                               "threads_per_model": thread_count(args.cpus_per_worker), "repeat": args.repeat,
+                               "load_start": load()}
+    with tempfile.TemporaryDirectory() as tmp:
+        bench = Bench(args, Path(tmp))
+        if not args.no_single:
+            bench.build_single()
+        os.environ["RAY_worker_niceness"] = "0"
+        os.environ["RAY_memory_monitor_refresh_ms"] = "0"  # other jobs' memory must not get the actors killed
+        ray.init(num_cpus=sum(args.workers) * args.cpus_per_worker, include_dashboard=False, log_to_driver=False)
+        try:
+            for workers in args.workers:
+                bench.build_pool(workers)
+            rounds: dict[str | int, list[dict[str, Any]]] = {c: [] for c in configs}
+            for r in range(args.repeat):
+                for config in configs[r % len(configs):] + configs[:r % len(configs)]:
+                    rounds[config].append(bench.run(config))
+            peak = {w: max(s.peak_rss_mb for s in pool.stats(pool.actors)) for w, pool in bench.pools.items()}
+        finally:
+            for pool in bench.pools.values():
+                pool.shutdown()
+            ray.shutdown()
+    results["load_end"] = load()
+    if not args.no_single:
+        results["single"] = median_row(rounds["single"])
+        results["single"]["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    results["ray"] = []
+    one = rounds.get(1)
+    for workers in args.workers:
+        row = {"workers": workers, **median_row(rounds[workers]), "startup_s": round(bench.startup[workers], 2),
+               "first_image_s": round(bench.first_image[workers], 2), "actor_peak_rss_mb": round(peak[workers])}
+        if one:
+            row["ratio_to_1_worker"] = round(statistics.median(
+                r["images_per_s"] / o["images_per_s"] for r, o in zip(rounds[workers], one)), 3)
+        results["ray"].append(row)
+    if one and not args.no_single:
+        results["ray_1_worker_overhead_ms_per_image"] = round(statistics.median(
+            1000 * (o["seconds"] - s["seconds"]) / args.images for o, s in zip(one, rounds["single"])), 1)
+    return results
+
+
+def report(results: dict[str, Any]) -> None:
+    print(f"{results['preset']}{' fast' if results['fast'] else ''}, {results['images']} images of "
+          f"{results['size']} px, {results['cpus']} CPUs, {results['threads_per_model']} torch thread(s) per model, "
+          f"{results['repeat']} round(s); load average {results['load_start']} at the start, "
+          f"{results['load_end']} at the end")
+    single = results.get("single")
+    if single:
+        print(f"single process: {single['images_per_s']:.3f} images/s (rounds {single['rounds_images_per_s']}), "
+              f"CPU {single['actor_cpu_s_per_image']:.3f} s/image on {single['cores']:.2f} cores, "
+              f"peak RSS {single['peak_rss_mb']} MB")
+    for r in results["ray"]:
+        ratio = f" (x{r['ratio_to_1_worker']} vs 1)" if "ratio_to_1_worker" in r else ""
+        print(f"ray {r['workers']} worker(s): {r['images_per_s']:.3f} images/s{ratio} (rounds "
+              f"{r['rounds_images_per_s']}), actor CPU {r['actor_cpu_s_per_image']:.3f} s/image on "
+              f"{r['cores']:.2f} cores, busy {100 * r['busy']:.0f}%, driver CPU {r['driver_cpu_ms_per_image']:.1f} "
+              f"ms/image, start-up {r['startup_s']:.1f} s, first image {r['first_image_s']:.1f} s, "
+              f"actor peak RSS {r['actor_peak_rss_mb']} MB")
+    if "ray_1_worker_overhead_ms_per_image" in results:
+        print(f"ray 1 worker vs single process: {results['ray_1_worker_overhead_ms_per_image']:+.1f} ms/image")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--fast", action="store_true", help="one window per image (FAST=1)")
+    ap.add_argument("--random-weights", action="store_true", help="the preset's architecture with random weights")
     ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--size", type=int, default=240, help="shortest edge of the generated images")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs (torch threads) per actor")
+    ap.add_argument("--repeat", type=int, default=1, help="interleaved rounds; figures are medians over them")
+    ap.add_argument("--no-single", action="store_true", help="skip the single-process run (saves one model's memory)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    ray = import_ray()
-
-    xml = make_label_config(Vocabulary.from_text(LABELS), kind="polygon")
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        folder = root / "images"
-        make_images(folder, args.images, args.size)
-        settings = BackendSettings(preset=args.preset, device="cpu", fast=args.fast, model_dir=root / "models")
-        backend = ODISEBackend(settings)
-        backend.start_loading(background=False)
-        single = prelabel_folder(backend, xml, folder, root / "single.json", progress=False)
-        results = {"preset": args.preset, "fast": args.fast, "images": args.images, "cpus": os.cpu_count(),
-                   "single": {"images_per_s": round(single.images_per_second, 3), "seconds": round(single.seconds, 2)},
-                   "ray": []}
-        os.environ["RAY_worker_niceness"] = "0"
-        ray.init(num_cpus=max(args.workers), include_dashboard=False, log_to_driver=False)
-        try:
-            for workers in args.workers:
-                t0, cpu0 = time.perf_counter(), time.process_time()
-                run = prelabel_folder_on_ray(settings, xml, folder, root / f"ray{workers}.json", workers=workers,
-                                             progress=False)
-                total, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-                assert run.predicted == args.images and not run.failures, run.format()
-                results["ray"].append({"workers": workers, "images_per_s": round(run.images_per_second, 3),
-                                       "seconds": round(run.seconds, 2), "startup_s": round(total - run.seconds, 2),
-                                       "driver_cpu_ms_per_image": round(1000 * cpu / args.images, 2)})
-        finally:
-            ray.shutdown()
-    one = next((r for r in results["ray"] if r["workers"] == 1), None)
-    for r in results["ray"]:
-        r["ratio_to_1_worker"] = round(r["images_per_s"] / one["images_per_s"], 3) if one else None
-    if one:
-        results["ray_1_worker_overhead_ms_per_image"] = round(
-            1000 * (one["seconds"] - results["single"]["seconds"]) / args.images, 1)
+    results = measure(args)
     if args.json:
         print(json.dumps(results, indent=1))
-        return
-    print(f"{args.preset}{' fast' if args.fast else ''}, {args.images} images, {results['cpus']} CPUs")
-    print(f"single process: {results['single']['images_per_s']:.3f} images/s")
-    for r in results["ray"]:
-        print(f"ray {r['workers']} worker(s): {r['images_per_s']:.3f} images/s (x{r['ratio_to_1_worker']} vs 1), "
-              f"start-up {r['startup_s']:.1f} s, driver CPU {r['driver_cpu_ms_per_image']:.1f} ms/image")
-    if one:
-        print(f"ray 1 worker vs single process: {results['ray_1_worker_overhead_ms_per_image']:+.1f} ms/image")
+    else:
+        report(results)
 
 
 if __name__ == "__main__":

@@ -96,3 +96,48 @@ def test_feature_cache_reports_a_miss_then_cheaper_hits():
     assert report["bytes_per_image"] > 0 and report["storage"] == "fp32"
     assert all(h["backbone"] < report["miss"]["backbone"] for h in report["hits"])
     assert report["speedup"] == pytest.approx(report["miss_s"] / report["hit_s"], rel=0.02)
+
+
+def test_al_round_reports_both_passes_the_cache_and_the_refresh():
+    from tests.e2e.label_studio import find_label_studio
+
+    with_ls = find_label_studio() is not None
+    report = json.loads(_run("al_round.py", "--preset", "tiny", "--images", "2", "--tasks", "3", "--steps", "1",
+                             "--json", *([] if with_ls else ["--no-label-studio"])))
+    first, second = report["first_pass"], report["second_pass"]
+    assert [r["cache"] for r in first] == ["miss", "miss"] and [r["cache"] for r in second] == ["hit", "hit"]
+    assert [r["image"] for r in first] == [r["image"] for r in second]
+    assert report["first_median_s"] == statistics.median(r["seconds"] for r in first)
+    assert report["ratio"] == round(report["first_median_s"] / report["second_median_s"], 2)
+    assert report["cache_entries"] == 2 and report["bytes_per_cached_image"] == report["cache_bytes"] // 2 > 0
+    assert report["classes"] == 133 and report["finetune"]["version"] == "v0001" and report["finetune"]["steps"] == 1
+    refresh = report["refresh"]
+    if not with_ls:
+        assert refresh is None
+        return
+    assert (refresh["state"], refresh["done"], refresh["total"], refresh["failed"]) == ("done", 3, 3, 0)
+    assert refresh["deleted"] == 3 and len(refresh["versions_after"]) == 1
+    assert refresh["versions_after"][0].endswith("-v0001") and refresh["seconds"] > 0
+
+
+def test_prelabel_scaling_reports_interleaved_rounds_of_warm_models():
+    pytest.importorskip("ray")
+    results = json.loads(_run("prelabel_scaling.py", "--fast", "--images", "2", "--workers", "1", "2",
+                              "--repeat", "2", "--json"))
+    assert (results["preset"], results["images"], results["repeat"], results["threads_per_model"]) == ("tiny", 2, 2, 1)
+    rows = [results["single"], *results["ray"]]
+    assert [r["workers"] for r in results["ray"]] == [1, 2]
+    for row in rows:
+        assert len(row["rounds_images_per_s"]) == 2 and all(x > 0 for x in row["rounds_images_per_s"])
+        assert row["images_per_s"] == round(statistics.median(row["rounds_images_per_s"]), 4)
+        assert row["actor_cpu_s_per_image"] > 0
+        assert 0 < row["cores"] <= 2.05  # CPU seconds per second: never more than the threads used (plus fetching)
+    one, two = results["ray"]
+    for row in (one, two):
+        assert 0 < row["busy"] <= 1 and row["driver_cpu_ms_per_image"] > 0
+        assert row["startup_s"] > 0 and row["first_image_s"] > 0
+        assert row["actor_peak_rss_mb"] > 100  # a process holding a model
+    assert one["ratio_to_1_worker"] == 1.0
+    assert two["ratio_to_1_worker"] == round(statistics.median(
+        b / a for a, b in zip(one["rounds_images_per_s"], two["rounds_images_per_s"])), 3)
+    assert isinstance(results["ray_1_worker_overhead_ms_per_image"], float)

@@ -3,8 +3,9 @@ path, resume, a bad image, a killed actor, and a project's predictions written i
 from __future__ import annotations
 
 import json
-import threading
-import time
+import os
+import shutil
+import signal
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,11 +15,11 @@ from skimage import data as skdata
 
 from backend.label_config import make_label_config
 from backend.model import BackendSettings, ODISEBackend
-from backend.prelabel import prelabel_folder, prelabel_project
+from backend.prelabel import ImportFile, prelabel_folder, prelabel_project
 from odise_core.vocabulary import Vocabulary
 
 from backend.cli import build_parser
-from backend.ray_prelabel import (ACTOR_PREFIX, RayUnavailable, import_ray, prelabel_folder_on_ray,
+from backend.ray_prelabel import (ACTOR_PREFIX, RayUnavailable, WorkerPool, import_ray, prelabel_folder_on_ray,
                                   prelabel_project_on_ray)
 
 XML = make_label_config(Vocabulary.from_text("person,cat,cup,sky"), kind="polygon")
@@ -95,10 +96,13 @@ def test_ray_run_equals_the_single_process_run_and_resumes(cluster, settings, fo
     assert _tasks(out) == expected
     assert any(t["predictions"][0]["result"] for t in expected.values())
     assert not out.with_name("tasks.json.partial.jsonl").exists()
-    assert "2 Ray worker(s), 0 lost" in summary.format()
+    assert "2 Ray worker(s), 0 lost, 0 replaced" in summary.format()
+    assert [w.threads for w in summary.worker_stats] == [1, 1]  # one torch thread per reserved CPU
+    assert sum(w.images for w in summary.worker_stats) == len(PHOTOS) + 1  # the broken image is answered too
 
-    again = prelabel_folder_on_ray(settings, XML, folder, out, workers=1, progress=False)
+    again = prelabel_folder_on_ray(settings, XML, folder, out, workers=1, cpus_per_worker=2, progress=False)
     assert (again.predicted, again.skipped, [f.item for f in again.failures]) == (0, len(PHOTOS), [BROKEN])
+    assert [(w.threads, w.images) for w in again.worker_stats] == [(2, 1)]
     assert _tasks(out) == expected
 
 
@@ -113,30 +117,52 @@ def test_ray_run_resumes_an_interrupted_journal(cluster, settings, folder, singl
     assert _tasks(out) == expected
 
 
-def test_a_killed_actor_s_images_are_predicted_by_the_other(cluster, settings, folder, single, tmp_path):
+def _actor_names(ray) -> list[str]:
+    names = (n["name"] if isinstance(n, dict) else n for n in ray.util.list_named_actors())
+    return sorted(n for n in names if n.startswith(ACTOR_PREFIX))
+
+
+def test_a_killed_actor_is_replaced_and_the_run_ends_with_as_many_workers(cluster, settings, folder, single,
+                                                                         tmp_path, monkeypatch):
+    """SIGKILL one of two actors after the first answer: its images are redone, a new actor takes its place and
+    answers images too, and every prediction equals the single process's."""
     ray = cluster
     expected, _ = single
-    out = tmp_path / "tasks.json"
-    journal = tmp_path / "tasks.json.partial.jsonl"
+    copies = tmp_path / "photos"
+    copies.mkdir()
+    for copy in range(3):
+        for name in PHOTOS:
+            shutil.copy(folder / f"{name}.jpg", copies / f"{name}-{copy}.jpg")
     killed: list[str] = []
+    joined: list[str] = []
+    add = ImportFile.add
 
-    def kill_one_actor_after_the_first_answer() -> None:
-        deadline = time.time() + 600
-        while time.time() < deadline and not (journal.exists() and journal.read_text().strip()):
-            time.sleep(0.05)
-        name = sorted(n["name"] if isinstance(n, dict) else n for n in ray.util.list_named_actors()
-                      if (n["name"] if isinstance(n, dict) else n).startswith(ACTOR_PREFIX))[0]
-        ray.kill(ray.get_actor(name))
-        killed.append(name)
+    def add_then_kill_and_await_the_replacement(self, url, prediction):
+        add(self, url, prediction)
+        names = _actor_names(ray)
+        if not killed:
+            assert len(names) == 2
+            os.kill(ray.get(ray.get_actor(names[0]).stats.remote()).pid, signal.SIGKILL)
+            killed.append(names[0])
+        elif not joined and names[-1].endswith("-2"):  # hold the driver until the new actor has built its model
+            ray.get(ray.get_actor(names[-1]).model_version.remote())
+            joined.append(names[-1])
 
-    killer = threading.Thread(target=kill_one_actor_after_the_first_answer, daemon=True)
-    killer.start()
-    summary = prelabel_folder_on_ray(settings, XML, folder, out, workers=2, progress=False)
-    killer.join(timeout=5)
-    assert len(killed) == 1
-    assert (summary.workers_lost, summary.predicted, [f.item for f in summary.failures]) == (1, len(PHOTOS), [BROKEN])
+    monkeypatch.setattr(ImportFile, "add", add_then_kill_and_await_the_replacement)
+    out = tmp_path / "tasks.json"
+    summary = prelabel_folder_on_ray(settings, XML, copies, out, workers=2, progress=False)
+    assert killed and killed[0].endswith("-0") and joined
+    assert (summary.workers, summary.workers_lost, summary.workers_replaced) == (2, 1, 1)
+    assert (summary.predicted, summary.failures) == (3 * len(PHOTOS), [])
     assert summary.retried >= 1
-    assert _tasks(out) == expected
+    by_name = {w.name: w.images for w in summary.worker_stats}
+    assert len(by_name) == 2 and killed[0] not in by_name and by_name[joined[0]] >= 1
+    tasks = _tasks(out)
+    assert len(tasks) == 3 * len(PHOTOS)
+    for url, task in tasks.items():
+        original = url.rsplit("-", 1)[0] + ".jpg"
+        assert task["predictions"] == expected[original]["predictions"], url
+    assert "1 lost, 1 replaced" in summary.format()
 
 
 class _FakeLabelStudio:
@@ -181,6 +207,12 @@ def test_without_ray_the_error_says_how_to_install_it(monkeypatch):
         import_ray()
 
 
+@pytest.mark.parametrize("workers, cpus, gpus", [(0, 1, 0), (1, 0, 0), (1, 1, -1)])
+def test_a_pool_refuses_resources_no_actor_could_use(settings, workers, cpus, gpus):
+    with pytest.raises(ValueError, match="--workers must be at least 1|--cpus-per-worker must be above 0"):
+        WorkerPool(settings, XML, None, workers, gpus_per_worker=gpus, cpus_per_worker=cpus)
+
+
 def test_settings_repr_hides_the_label_studio_key():
     assert "s3cret" not in repr(BackendSettings(api_key="s3cret", webhook_secret="s3cret"))
 
@@ -190,6 +222,7 @@ def test_ray_flags_parse():
     base = ["prelabel", "--folder", "photos", "--labels", "cat"]
     assert parse(base).ray is None
     assert parse(base + ["--ray"]).ray == ""
-    args = parse(base + ["--ray", "auto", "--workers", "4", "--gpus-per-worker", "0.5"])
-    assert (args.ray, args.workers, args.gpus_per_worker) == ("auto", 4, 0.5)
+    assert (parse(base).cpus_per_worker, parse(base).gpus_per_worker) == (1.0, 0.0)
+    args = parse(base + ["--ray", "auto", "--workers", "4", "--gpus-per-worker", "0.5", "--cpus-per-worker", "3"])
+    assert (args.ray, args.workers, args.gpus_per_worker, args.cpus_per_worker) == ("auto", 4, 0.5, 3.0)
     assert parse(base + ["--ray", "ray://head:10001"]).ray == "ray://head:10001"
