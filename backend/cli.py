@@ -106,17 +106,17 @@ def _run_label_config(args: argparse.Namespace) -> int:
 
 
 def _add_prelabel(sub: argparse._SubParsersAction) -> None:
-    from backend import prelabel
+    from backend import prelabel_cli
 
     p = sub.add_parser("prelabel", help="pre-label a Label Studio project, or a folder into an import JSON")
-    prelabel.add_arguments(p)
+    prelabel_cli.add_arguments(p)
     add_model_flags(p)
     p.set_defaults(func=_run_prelabel)
 
 
 def _run_prelabel(args: argparse.Namespace) -> int:
     from backend.model import ModelLoadFailed
-    from backend.prelabel import run_command
+    from backend.prelabel_cli import run_command
     from backend.ray_prelabel import RayUnavailable, WorkersDisagree
 
     try:

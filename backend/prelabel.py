@@ -4,141 +4,25 @@ Predictions are made by the same `backend.model.ODISEBackend` the server uses (s
 same model version string). Both modes are resumable (a task or image that already has a
 prediction of this model version is skipped), show a progress bar, list per-image failures
 without stopping, and overlap image fetching with compute: a small thread pool reads images
-ahead into the backend's image cache while the model works on the current one. Ctrl-C stops a run
-cleanly: the image in flight is abandoned, what was done is kept (Label Studio predictions, or the
-folder mode's journal) and the summary says how to resume.
+ahead into the backend's image cache while the model works on the current one (backend.batch). Ctrl-C
+stops a run cleanly: the image in flight is abandoned, what was done is kept (Label Studio predictions, or
+the folder mode's journal) and the summary says how to resume. The command line: backend.prelabel_cli.
 """
 from __future__ import annotations
 
 import json
 import logging
-import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence, TypeVar
+from typing import Any, Callable, Iterable
 from urllib.parse import quote
 
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
+from backend.batch import Failure, PredictionError, PrelabelSummary, Progress, run_overlapped
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 LOCAL_FILES_PREFIX = "/data/local-files/?d="
-MAX_PREFETCH = 16  # read-ahead stays well inside the backend's image cache (32 images)
 WRITE_BATCH = 32  # predictions per Label Studio import request
-
-
-class PredictionError(RuntimeError):
-    """The backend returned an error entry instead of a prediction; the message is the backend's."""
-
-
-@dataclass
-class Failure:
-    item: str
-    error: str
-
-
-@dataclass
-class Progress:
-    """How far `run_overlapped` got: items computed, failures, wall seconds, and whether Ctrl-C stopped it."""
-
-    done: int = 0
-    failures: list[Failure] = field(default_factory=list)
-    seconds: float = 0.0
-    interrupted: bool = False
-
-
-@dataclass
-class PrelabelSummary:
-    """What a run did; `images_per_second` counts predicted items over the run's wall time."""
-
-    total: int = 0
-    predicted: int = 0
-    skipped: int = 0
-    failures: list[Failure] = field(default_factory=list)
-    seconds: float = 0.0
-    model_version: str = ""
-    interrupted: bool = False
-    resume: str = ""  # where the done work is kept, when interrupted
-
-    def record(self, progress: Progress) -> None:
-        self.predicted, self.failures, self.seconds = progress.done, progress.failures, progress.seconds
-        self.interrupted = progress.interrupted
-
-    @property
-    def images_per_second(self) -> float:
-        return self.predicted / self.seconds if self.seconds > 0 else 0.0
-
-    def format(self) -> str:
-        """A human-readable report, failures listed one per line."""
-        lines = [f"model version {self.model_version}: {self.total} item(s), {self.predicted} predicted, "
-                 f"{self.skipped} already done, {len(self.failures)} failed, {self.seconds:.1f} s "
-                 f"({self.images_per_second:.2f} images/s)"]
-        lines += [f"  FAILED {f.item}: {f.error}" for f in self.failures]
-        if self.interrupted:
-            left = self.total - self.skipped - self.predicted - len(self.failures)
-            lines.append(f"interrupted: {left} item(s) not done. {self.resume} Run the same command again to "
-                         "resume: items that already have a prediction of this model version are skipped.")
-        return "\n".join(lines)
-
-
-def run_overlapped(items: Sequence[T], fetch: Callable[[T], Any], compute: Callable[[T, Any], None],
-                   name: Callable[[T], str], workers: int = 2, prefetch: int = 4, progress: bool = True,
-                   desc: str = "prelabel", stop: Callable[[], bool] | None = None,
-                   on_item: Callable[[Progress], None] | None = None) -> Progress:
-    """Run `fetch` on a thread pool up to `prefetch` items ahead while `compute` runs here, in order.
-
-    A failing fetch or compute is recorded and the run goes on. Ctrl-C (KeyboardInterrupt), or
-    `stop()` turning true before the next item, abandons the rest, cancels the read-ahead and
-    returns with `interrupted` set. `on_item(progress)` is called after every item (a live view).
-    """
-    result = Progress()
-    ahead = max(1, min(prefetch, MAX_PREFETCH))
-    start = time.perf_counter()
-    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="prefetch")
-    pending: deque[tuple[T, Future]] = deque()
-    try:
-        with tqdm(total=len(items), desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar, \
-                (logging_redirect_tqdm() if progress else nullcontext()):
-            queue = iter(items)
-
-            def refill() -> None:
-                for item in queue:
-                    pending.append((item, pool.submit(fetch, item)))
-                    if len(pending) >= ahead:
-                        return
-
-            refill()
-            while pending:
-                if stop is not None and stop():
-                    result.interrupted = True
-                    break
-                item, future = pending.popleft()
-                refill()
-                try:
-                    compute(item, future.result())
-                    result.done += 1
-                except Exception as e:  # noqa: BLE001 - one bad image must not stop a 10,000-image run
-                    result.failures.append(Failure(name(item), str(e) if isinstance(e, PredictionError)
-                                                   else f"{type(e).__name__}: {e}"))
-                    log.warning("%s failed: %s", name(item), e)
-                bar.update(1)
-                bar.set_postfix(failed=len(result.failures), refresh=False)
-                if on_item is not None:
-                    result.seconds = time.perf_counter() - start
-                    on_item(result)
-    except KeyboardInterrupt:
-        result.interrupted = True
-        log.warning("interrupted: the item in flight is abandoned, %d done so far are kept", result.done)
-    finally:
-        pool.shutdown(wait=not result.interrupted, cancel_futures=True)
-    result.seconds = time.perf_counter() - start
-    return result
 
 
 def _has_version(predictions: Iterable[dict[str, Any]] | None, model_version: str) -> bool:
@@ -365,76 +249,3 @@ def prelabel_tasks(backend: Any, client: Any, project_id: int, label_config: str
     if summary.interrupted:
         summary.resume = f"The {summary.predicted} prediction(s) made are saved in project {project_id}."
     return summary
-
-
-# ----------------------------------------------------------------------------- command line
-def add_arguments(p: Any) -> None:
-    """The `odise-ls prelabel` flags (model flags are added by the CLI)."""
-    from backend.flags import add_model_dir_flag
-    from backend.ls_client import add_label_studio_flags
-
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--project", type=int, help="Label Studio project id: predictions are created on its tasks")
-    where.add_argument("--folder", help="folder of images: predictions go to an import JSON (--out)")
-    add_label_studio_flags(p)
-    config = p.add_mutually_exclusive_group()
-    config.add_argument("--label-config", help="folder mode: the project's label config XML file")
-    config.add_argument("--labels", help='folder mode: vocabulary instead of a config, e.g. "cat,dog:puppy,grass"')
-    p.add_argument("--kind", choices=["polygon", "brush", "rectangle"], default="polygon",
-                   help="folder mode with --labels: the region type to predict")
-    p.add_argument("--out", default="prelabel.json", help="folder mode: import JSON to write or extend")
-    p.add_argument("--document-root",
-                   help="folder mode: Label Studio's local-files root on this machine (env LOCAL_FILES_DOCUMENT_ROOT; "
-                        "default: the folder's parent)")
-    p.add_argument("--url-prefix", default=LOCAL_FILES_PREFIX, help="folder mode: image URL prefix in the JSON")
-    add_model_dir_flag(p, "fine-tuned model versions; a project's promoted version is used")
-    p.add_argument("--workers", type=int, default=2, help="image fetching threads; with --ray: Ray actors, one model each")
-    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
-                   help="run on Ray: ADDRESS 'auto' (the cluster of `ray start`), ray://host:port, or nothing for "
-                        "a local cluster (needs odise-label-studio[ray])")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="with --ray: GPUs per actor (0.5 = two per GPU)")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0,
-                   help="with --ray: CPUs Ray reserves per actor; the actor's torch threads (default 1)")
-    p.add_argument("--prefetch", type=int, default=4, help=f"images read ahead of the model (max {MAX_PREFETCH})")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def run_command(args: Any) -> PrelabelSummary:
-    """`odise-ls prelabel`: build the backend from flags/env, run one mode, return the summary.
-
-    Raises ValueError (bad flags/config), LabelStudioAuthError (no Label Studio credentials) or
-    backend.model.ModelLoadFailed (weights missing).
-    """
-    from backend.ls_client import make_client
-    from backend.model import ModelLoadFailed, ODISEBackend
-    from backend.settings import BackendSettings
-
-    if not getattr(args, "verbose", False):
-        logging.getLogger("backend.model").setLevel(logging.WARNING)  # one line per task would bury the bar
-    if args.folder is not None and not (args.label_config or args.labels):
-        raise ValueError("--folder needs --label-config FILE or --labels TEXT to know what to predict")
-    settings = BackendSettings.resolve(args)
-    client = make_client(settings.label_studio_url, settings.api_key) if args.project is not None else None
-    if args.ray is not None:
-        from backend.ray_prelabel import run_command as run_on_ray
-
-        return run_on_ray(args, settings, client, None if client is not None else folder_label_config(args))
-    backend = ODISEBackend(settings)
-    backend.start_loading(background=False)
-    if backend.error:
-        raise ModelLoadFailed(backend.error)
-    options = dict(workers=args.workers, prefetch=args.prefetch, progress=not args.no_progress)
-    if client is not None:
-        return prelabel_project(backend, client, args.project, **options)
-    return prelabel_folder(backend, folder_label_config(args), args.folder, args.out,
-                           document_root=settings.document_root, url_prefix=args.url_prefix, **options)
-
-
-def folder_label_config(args: Any) -> str:
-    """Folder mode's label config: the --label-config file, or one made from --labels and --kind."""
-    from backend.label_config import make_label_config
-    from odise_core.vocabulary import Vocabulary
-
-    if args.label_config:
-        return Path(args.label_config).read_text()
-    return make_label_config(Vocabulary.from_text(args.labels), kind=args.kind)

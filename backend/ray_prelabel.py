@@ -28,8 +28,9 @@ from typing import Any, Callable, Sequence
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from backend.prelabel import (LOCAL_FILES_PREFIX, Failure, ImportFile, PredictionWriter, PrelabelSummary, _has_version,
-                              _Runner, image_url, list_images, project_tasks)
+from backend.batch import Failure, PrelabelSummary
+from backend.prelabel import (LOCAL_FILES_PREFIX, ImportFile, PredictionWriter, _has_version, _Runner, image_url,
+                              list_images, project_tasks)
 
 log = logging.getLogger(__name__)
 

@@ -49,7 +49,7 @@ from backend.ls_format import ResultOptions
 from odise_core.training.finetune import FinetuneOptions
 
 DEFAULT_MODEL_DIR = Path.home() / ".cache" / "odise-label-studio" / "backend"
-# 16 GB: ~130 photos at 1024 on the full preset in fp16 (~120 MB each), ~530 with --fast (README).
+# 16 GB: ~120 3:2 photos at 1024 on the full preset in fp16 (134 MB each), ~490 with --fast (README).
 DEFAULT_FEATURE_CACHE_MB = 16384.0
 FEATURE_CACHE_DTYPES = ("fp16", "bf16", "fp32")
 TRUE_WORDS = ("1", "true", "yes", "on")

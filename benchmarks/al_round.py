@@ -42,6 +42,7 @@ from backend.model import ODISEBackend
 from backend.settings import BackendSettings
 from backend.training_data import TrainingData, build_training_data
 from odise_core.vocabulary import Vocabulary
+from serving import load_backend  # benchmarks/, the script's own directory
 
 log = logging.getLogger("al_round")
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "hubble_deep_field")
@@ -198,12 +199,7 @@ def main() -> None:
                                             model_dir=root / "models", feature_cache_dtype=args.feature_cache_dtype,
                                             refresh_on_promote="false", steps=args.steps, views_per_image=1,
                                             batch_size=1)
-        backend = ODISEBackend(settings)
-        t0 = time.perf_counter()
-        backend.start_loading(background=False)
-        if backend.error:
-            raise SystemExit(f"model failed to load: {backend.error}")
-        build_seconds = time.perf_counter() - t0
+        backend, build_seconds = load_backend(settings)
         config = backend.parse_config(label_config)
         paths = _photos(args.images, root)
         first, predictions = _pass(backend, project, config, paths)

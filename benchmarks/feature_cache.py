@@ -18,6 +18,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from latency import random_weights  # noqa: E402
 
 
 def main() -> int:
@@ -34,17 +37,14 @@ def main() -> int:
     import skimage.data
     import torch
 
-    from odise_core.config import get_config
+    from backend.settings import build_model
     from odise_core.feature_cache import FeatureCache
-    from odise_core.predictor import build_predictor, precision_plan
+    from odise_core.predictor import precision_plan
     from odise_core.vocabulary import TextEmbeddingCache, Vocabulary
 
-    cfg = get_config(args.preset)
-    cfg.diffusion.pretrained, cfg.clip.pretrained, cfg.checkpoint = None, None, None
-    cfg.backbone.min_size = args.size
-    cfg.precision = args.precision
     t0 = time.perf_counter()
-    model = build_predictor(cfg, device="cpu", text_cache=TextEmbeddingCache(None))
+    model = build_model(random_weights(args.preset, "cpu", min_size=args.size, precision=args.precision),
+                        text_cache=TextEmbeddingCache(None))
     build_s = time.perf_counter() - t0
     vocab = Vocabulary.coco_panoptic()
     image = np.ascontiguousarray(skimage.data.coffee())  # 400x600: processed at size x 1.5 size

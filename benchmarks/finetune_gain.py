@@ -60,7 +60,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()
-    model = build_model(BackendSettings.from_env({}, preset="tiny", device="cpu", min_size=args.image_size))
+    model = build_model(BackendSettings.from_env({}, preset="tiny", device="cpu", min_size=args.image_size,
+                                                 feature_cache_mb=0))  # features computed on every pass
     build_s = time.perf_counter() - t0
     vocab = Vocabulary([VocabClass(n, (n,), t) for n, t in zip(CLASS_NAMES, IS_THING)])
     train_scenes = make_dataset(max(args.sizes), seed=args.seed, size=args.image_size)

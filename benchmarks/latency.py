@@ -32,10 +32,12 @@ STAGES = ("preprocess", "clip_captioner", "vae_encoder", "unet", "vae_decoder", 
 
 
 def random_weights(preset: str, device: str, **settings: object):
-    """Settings of `preset` with random weights (every benchmark builds through backend.settings.build_model)."""
+    """Settings of `preset` with random weights and no feature cache (a cached pass would not compute what
+    is measured); every benchmark builds through backend.settings.build_model."""
     from backend.settings import BackendSettings
 
-    return BackendSettings.from_env({}, preset=preset, device=device, random_weights=True, **settings)
+    return BackendSettings.from_env({}, preset=preset, device=device, random_weights=True, feature_cache_mb=0,
+                                    **settings)
 
 
 class StageClock:

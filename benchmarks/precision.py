@@ -68,7 +68,8 @@ def segment_drift(preset: str) -> dict:
     import skimage.data
 
     cache = TextEmbeddingCache(None)
-    fp32, bf16 = (build_model(BackendSettings.from_env({}, preset=preset, device="cpu", precision=precision),
+    fp32, bf16 = (build_model(BackendSettings.from_env({}, preset=preset, device="cpu", precision=precision,
+                                                       feature_cache_mb=0),
                               text_cache=cache) for precision in ("fp32", "bf16"))
     vocab = Vocabulary.from_text("person,cat,cup,table,rocket,sky,wall,grass")
     same_class, ious, prob_diff, counts = [], [], [], [0, 0]

@@ -7,7 +7,6 @@ fits in a memory budget, and otherwise one query at a time in two passes, with i
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -233,7 +232,7 @@ def bilinear_rows(logits: torch.Tensor, out_size: tuple[int, int], rows: slice) 
     """Rows `rows` of F.interpolate(logits (Q,h,w), out_size, "bilinear", align_corners=False), computed
     from the source rows they need only. All rows: F.interpolate itself; a band agrees with it to a few
     float32 ulps (PyTorch's kernel rounds in another order)."""
-    (h, w), (height, width) = logits.shape[-2:], out_size
+    h, (height, width) = logits.shape[-2], out_size
     if rows.indices(height) == (0, height, 1):
         return F.interpolate(logits[None], size=out_size, mode="bilinear", align_corners=False)[0]
     y0, y1, ly = (t[rows] for t in linear_taps(h, height))

@@ -89,6 +89,15 @@ def test_interactive_reports_first_and_cached_answers():
     assert 0 < report["cached_click_seconds"]["p50"] <= report["cached_click_seconds"]["max"]
 
 
+def test_feature_cache_reports_a_miss_then_cheaper_hits():
+    report = json.loads(_run("feature_cache.py", "--preset", "tiny", "--size", "128", "--storage", "fp32",
+                             "--repeats", "2", "--json"))
+    assert report["miss"]["cache"] == "miss" and [h["cache"] for h in report["hits"]] == ["hit", "hit"]
+    assert report["bytes_per_image"] > 0 and report["storage"] == "fp32"
+    assert all(h["backbone"] < report["miss"]["backbone"] for h in report["hits"])
+    assert report["speedup"] == pytest.approx(report["miss_s"] / report["hit_s"], rel=0.02)
+
+
 def test_al_round_reports_both_passes_the_cache_and_the_refresh():
     from tests.e2e.label_studio import find_label_studio
 

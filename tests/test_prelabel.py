@@ -15,9 +15,10 @@ from label_studio_sdk.label_interface import LabelInterface
 from PIL import Image
 from skimage import data as skdata
 
+from backend.batch import PrelabelSummary, run_overlapped
 from backend.label_config import make_label_config
 from backend.model import BackendSettings, ODISEBackend
-from backend.prelabel import ImportFile, PrelabelSummary, prelabel_folder, run_overlapped
+from backend.prelabel import ImportFile, prelabel_folder
 from odise_core.vocabulary import Vocabulary
 
 PHOTOS = ("astronaut", "chelsea")

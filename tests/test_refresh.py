@@ -17,7 +17,7 @@ from backend.cli import build_parser
 from backend.learning import JobManager
 from backend.learning.jobs import Job, JobRecords
 from backend.learning.refresh import RefreshManager, own_version, stale_predictions
-from backend.prelabel import run_overlapped
+from backend.batch import run_overlapped
 from backend.settings import BackendSettings, SettingsError
 from tests.test_app import _backend
 

@@ -21,14 +21,14 @@ import json
 import logging
 import os
 import threading
-import time
 import uuid
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from backend.batch import PrelabelSummary
 from backend.learning.jobs import Job, JobRecords, job_outcome
-from backend.prelabel import PredictionWriter, PrelabelSummary, _has_version, prelabel_tasks, project_tasks
+from backend.prelabel import PredictionWriter, _has_version, prelabel_tasks, project_tasks
 
 log = logging.getLogger(__name__)
 

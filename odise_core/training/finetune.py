@@ -12,7 +12,7 @@ import math
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ContextManager
+from typing import TYPE_CHECKING, Callable, ContextManager
 
 import numpy as np
 import torch
