@@ -195,6 +195,7 @@ def main() -> None:
             r.raise_for_status()
             project = str(r.json()["id"])
         settings = BackendSettings.from_env({}, preset=args.preset, device="cpu", precision=args.precision,
+                                            random_weights=True,
                                             model_dir=root / "models", feature_cache_dtype=args.feature_cache_dtype,
                                             refresh_on_promote="false", steps=args.steps, views_per_image=1,
                                             batch_size=1)
