@@ -6,7 +6,8 @@ the server refreshing N Label Studio tasks to the promoted version.
     PYTHONPATH=. python benchmarks/al_round.py --preset tiny --images 2 --tasks 2 --json   # quick run
 
 The model is built with random weights (cost does not depend on weight values) at the preset's own
-resolution (1024 shortest edge on the full preset) and predicts with COCO's 133 classes through the
+resolution (1024 shortest edge on the full preset), with the reference demo's overlap threshold (0.0:
+random weights otherwise leave too few regions to fine-tune on), and predicts with COCO's 133 classes through the
 serving path: `ODISEBackend.predict_task` with the model serving the project, the same call the
 server's /predict and its refresh make. The fine-tune is a real job of the backend's JobManager on
 pseudo-labels (the first pass's own segments); when its held-out figures do not beat the base model
@@ -195,7 +196,7 @@ def main() -> None:
             r.raise_for_status()
             project = str(r.json()["id"])
         settings = BackendSettings.from_env({}, preset=args.preset, device="cpu", precision=args.precision,
-                                            random_weights=True,
+                                            random_weights=True, overlap_threshold=0.0,  # random weights: regions
                                             model_dir=root / "models", feature_cache_dtype=args.feature_cache_dtype,
                                             refresh_on_promote="false", steps=args.steps, views_per_image=1,
                                             batch_size=1)
