@@ -10,7 +10,7 @@ resolution (1024 shortest edge on the full preset), with the reference demo's ov
 random weights otherwise leave too few regions to fine-tune on), and predicts with COCO's 133 classes through the
 serving path: `ODISEBackend.predict_task` with the model serving the project, the same call the
 server's /predict and its refresh make. The fine-tune is a real job of the backend's JobManager on
-pseudo-labels (the first pass's own segments); when its held-out figures do not beat the base model
+pseudo-labels (the first pass's own segments, or two half-image regions where random weights found none); when its held-out figures do not beat the base model
 (random weights), the new version is promoted by hand the way `odise-ls models --rollback` does, and
 the report says which happened. The refresh runs through the HTTP server (POST /refresh, the code a
 promotion starts) against a real Label Studio started from the project's .venv-ls (or
@@ -39,9 +39,11 @@ from werkzeug.serving import make_server
 from backend.app import create_app
 from backend.label_config import make_label_config
 from backend.learning.refresh import own_version
+from backend.ls_format import image_regions
 from backend.model import ODISEBackend
 from backend.settings import BackendSettings
 from backend.training_data import TrainingData, build_training_data
+from odise_core.types import Segment
 from odise_core.vocabulary import Vocabulary
 from serving import load_backend  # benchmarks/, the script's own directory
 
@@ -88,14 +90,25 @@ def _pass(backend: ODISEBackend, project: str, config: Any, paths: list[Path]) -
     return rows, predictions
 
 
+def _halves(backend: ODISEBackend, target: Any, path: Path) -> list[dict]:
+    """Two regions (top half: the first class, bottom half: the second) for an image the random model left
+    without regions: the fine-tune's cost does not depend on what its masks say, only that it has some."""
+    width, height = Image.open(path).size
+    top = np.zeros((height, width), dtype=bool)
+    top[: height // 2] = True
+    segments = [Segment(mask=top, class_index=0, score=1.0, is_thing=bool(target.vocabulary.is_thing[0])),
+                Segment(mask=~top, class_index=1, score=1.0, is_thing=bool(target.vocabulary.is_thing[1]))]
+    return image_regions(segments, target.controls, target.label_of, backend.settings.result)
+
+
 def _train_and_promote(backend: ODISEBackend, project: str, config: Any, paths: list[Path],
                        predictions: list[dict]) -> dict:
     """A short fine-tune job on the first pass's predictions taken as annotations (pseudo-labels), read
     back to masks the way annotations are; promoted by the job's rule, else by hand."""
     target = config.targets[0]
     tasks = [{"id": i + 1, "data": {target.data_key: str(path)}, "annotations": [
-        {"result": prediction["result"], "was_cancelled": False}]} for i, (path, prediction) in
-        enumerate(zip(paths, predictions))]
+        {"result": prediction["result"] or _halves(backend, target, path), "was_cancelled": False}]}
+        for i, (path, prediction) in enumerate(zip(paths, predictions))]
 
     def fetch(holdout_fraction: float) -> TrainingData:
         return build_training_data(tasks, target.vocabulary.names,
