@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -169,6 +170,7 @@ def _refresh_through_server(backend: ODISEBackend, project: str, label_config: s
 
 def _label_studio(root: Path) -> Any:
     """A running Label Studio (context manager) or None when none is installed."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: tests/ is not installed
     from tests.e2e.label_studio import find_label_studio, running_label_studio
 
     binary = find_label_studio()

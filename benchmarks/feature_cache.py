@@ -65,7 +65,7 @@ def main() -> int:
         "preset": args.preset, "size": args.size, "precision": args.precision,
         "plan": [str(d) for d in precision_plan(args.precision, torch.device("cpu"))], "storage": args.storage,
         "build_s": round(build_s, 1), "bytes_per_image": stats.bytes, "miss": miss, "hits": hits,
-        "miss_s": round(miss["total"], 2), "hit_s": round(hit_total, 2),
+        "miss_s": round(miss["total"], 3), "hit_s": round(hit_total, 3),
         "speedup": round(miss["total"] / hit_total, 2), "threads": torch.get_num_threads(),
     }
     if args.json:

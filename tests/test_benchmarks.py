@@ -95,7 +95,9 @@ def test_feature_cache_reports_a_miss_then_cheaper_hits():
     assert report["miss"]["cache"] == "miss" and [h["cache"] for h in report["hits"]] == ["hit", "hit"]
     assert report["bytes_per_image"] > 0 and report["storage"] == "fp32"
     assert all(h["backbone"] < report["miss"]["backbone"] for h in report["hits"])
-    assert report["speedup"] == pytest.approx(report["miss_s"] / report["hit_s"], rel=0.02)
+    # the times are rounded to 3 decimals: their ratio may differ from the unrounded one by 0.0005 / hit_s
+    assert report["speedup"] == pytest.approx(report["miss_s"] / report["hit_s"],
+                                              rel=0.01 + 0.0006 / report["hit_s"])
 
 
 def test_al_round_reports_both_passes_the_cache_and_the_refresh():
