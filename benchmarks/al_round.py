@@ -85,7 +85,7 @@ def _pass(backend: ODISEBackend, project: str, config: Any, paths: list[Path]) -
         if "result" not in prediction:
             raise SystemExit(f"{path.name}: {prediction['error']}")
         rows.append({"image": path.name, "seconds": round(seconds, 3), "regions": len(prediction["result"]),
-                     "cache": "hit" if after.hits > before.hits else "miss"})
+                     "cache": "hit" if after.hits > before.hits and after.misses == before.misses else "miss"})
         predictions.append(prediction)
         log.info("%s %s: %.2f s (%s)", version, path.name, seconds, rows[-1]["cache"])
     return rows, predictions
@@ -235,7 +235,7 @@ def main() -> None:
         "classes": len(vocab), "build_seconds": round(build_seconds, 1), "first_pass": first, "second_pass": second,
         "first_median_s": first_s, "second_median_s": second_s, "ratio": round(first_s / second_s, 2),
         "cache_entries": stats.entries, "cache_bytes": stats.bytes,
-        "bytes_per_cached_image": stats.bytes // max(stats.entries, 1), "finetune": finetune, "refresh": refresh,
+        "bytes_per_cached_image": stats.bytes // len(paths), "finetune": finetune, "refresh": refresh,
     }
     if args.json:
         print(json.dumps(report, indent=1))
@@ -246,8 +246,8 @@ def main() -> None:
         print(f"  {a['image']:<28} first pass {a['seconds']:8.2f} s ({a['cache']})   "
               f"after promotion {b['seconds']:8.2f} s ({b['cache']})")
     print(f"median per image: first {first_s:.2f} s, after promotion {second_s:.2f} s: {report['ratio']:.2f}x cheaper")
-    print(f"feature cache: {stats.entries} entries, {stats.bytes} bytes, {report['bytes_per_cached_image']} "
-          f"bytes per cached image")
+    print(f"feature cache after the first pass: {stats.entries} entries (backbone features and MaskCLIP stream of "
+          f"each image), {stats.bytes} bytes, {report['bytes_per_cached_image']} bytes per cached image")
     print(f"fine-tune {finetune['version']} ({finetune['steps']} steps, {finetune['job_seconds']} s): promoted "
           f"{'by the promotion rule' if finetune['promoted_by_rule'] else 'by hand (it did not beat the base model)'}")
     if refresh is None:

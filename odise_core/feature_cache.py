@@ -4,6 +4,7 @@ The SD + CLIP backbone is frozen, so the fused features of an image only change 
 with what `feature_key` hashes (weights, configuration, precision, the backbone's own trainable
 weights). Prediction and fine-tuning both reuse them from here: one file per entry, written
 atomically, least recently used evicted first, stored in float16, bfloat16 or float32 (exact).
+A second kind of entry holds MaskCLIP's mask-independent stream of an image (`maskclip_key`).
 """
 from __future__ import annotations
 
@@ -260,14 +261,10 @@ def feature_key(model: "ODISE", padded: torch.Tensor, kind: str = "fused", stora
     if kind not in FEATURE_KINDS:
         raise ValueError(f"feature kind must be one of {', '.join(FEATURE_KINDS)}, got {kind!r}")
     cfg = model.cfg.to_dict()
-    image = padded.detach().to("cpu", torch.float32).contiguous()
-    h = hashlib.sha256()
-    h.update(str(tuple(image.shape)).encode())
-    h.update(image.numpy().tobytes())
     parts = {
         "format": FORMAT_VERSION,
         "kind": kind,
-        "image": h.hexdigest(),
+        "image": _image_digest(padded),
         "weights": model.frozen_weights_key,
         "config": {name: cfg[name] for name in ("diffusion", "backbone", "clip")},
         "sd_dtype": str(model.backbone.feature_extractor.sd_dtype),
@@ -277,3 +274,37 @@ def feature_key(model: "ODISE", padded: torch.Tensor, kind: str = "fused", stora
         "extra": extra,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+# What a MaskCLIP entry holds (odise_core/modeling/clip.py, ClipModel.maskclip_stream): changing it changes the key.
+MASKCLIP_LAYOUT = "cls+per-layer keys/values"
+
+
+def maskclip_key(model: "ODISE", image01: torch.Tensor, storage: str = "fp16",
+                 autocast_dtype: torch.dtype | None = None) -> str:
+    """Key of MaskCLIP's mask-independent stream of `image01` (as `maskclip_inputs` gives it): the exact
+    CLIP-size image it is resized to, the frozen CLIP weights and configuration, CLIP's dtype, the
+    autocast dtype and the storage dtype. No trainable weight: CLIP is never fine-tuned, so a promoted
+    model keeps hitting it."""
+    clip = model.clip
+    parts = {
+        "format": FORMAT_VERSION,
+        "kind": "maskclip",
+        "layout": MASKCLIP_LAYOUT,
+        "image": _image_digest(clip.maskclip_image(image01)),
+        "weights": model.clip_weights_key,
+        "config": model.cfg.to_dict()["clip"],
+        "clip_dtype": str(next(clip.parameters()).dtype),
+        "autocast": str(autocast_dtype),
+        "storage": storage,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _image_digest(image: torch.Tensor) -> str:
+    """SHA-256 of a tensor's shape and float32 values."""
+    image = image.detach().to("cpu", torch.float32).contiguous()
+    h = hashlib.sha256()
+    h.update(str(tuple(image.shape)).encode())
+    h.update(image.numpy().tobytes())
+    return h.hexdigest()

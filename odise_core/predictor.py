@@ -10,13 +10,13 @@ import functools
 import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from odise_core.config import ModelConfig
-from odise_core.feature_cache import FeatureCache, feature_key
+from odise_core.feature_cache import Features, FeatureCache, feature_key, maskclip_key
 from odise_core.modeling.head import clip_class_logits, geometric_ensemble
 from odise_core.modeling.odise import ODISE
 from odise_core.phrase import phrase_probabilities
@@ -79,7 +79,7 @@ class _Forward:
     clip_embeds: torch.Tensor | None  # (1, Q, D) when kept
     probs: torch.Tensor  # (Q, K+1)
     timings: dict[str, float]
-    feature_cache: str | None  # "hit" / "miss", None without a feature cache
+    feature_cache: str | None  # "hit" (backbone and MaskCLIP stream) / "miss", None without a feature cache
 
 
 class ODISEPredictor:
@@ -136,23 +136,34 @@ class ODISEPredictor:
         autocast_dtype, _ = self.apply_precision()
         return torch.autocast(self.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
 
-    def _features(self, padded: torch.Tensor) -> tuple[dict[str, torch.Tensor], str | None]:
-        """The fused backbone features of `padded`, from the feature cache when it has them; and "hit",
-        "miss" or None (no cache). Features are used as stored on a miss too, so an image predicts the
+    def _cached(self, key: Callable[[str, torch.dtype | None], str], compute: Callable[[], Features]
+                ) -> tuple[Features, str | None]:
+        """`compute()`'s tensors, from the feature cache when it has them under `key(storage, autocast dtype)`;
+        and "hit", "miss" or None (no cache). They are used as stored on a miss too, so an image predicts the
         same whether it was seen before or not (with fp16/bf16 storage, slightly unlike no cache)."""
         cache = self.feature_cache
         if cache is None or not cache.enabled:
-            return self.model.extract_features(padded), None
+            return compute(), None
         autocast_dtype, _ = precision_plan(self.cfg.precision, self.device)
-        key = feature_key(self.model, padded, "fused", cache.storage, autocast_dtype)
         computed: list[bool] = []
 
-        def compute() -> dict[str, torch.Tensor]:
+        def counted() -> Features:
             computed.append(True)
-            return self.model.extract_features(padded)
+            return compute()
 
-        features = cache.get_or_compute(key, compute, as_stored=True)
-        return {name: f.to(self.device) for name, f in features.items()}, "miss" if computed else "hit"
+        found = cache.get_or_compute(key(cache.storage, autocast_dtype), counted, as_stored=True)
+        return {name: f.to(self.device) for name, f in found.items()}, "miss" if computed else "hit"
+
+    def _features(self, padded: torch.Tensor) -> tuple[Features, str | None]:
+        """The fused backbone features of `padded` (see `_cached`)."""
+        return self._cached(lambda storage, autocast: feature_key(self.model, padded, "fused", storage, autocast),
+                            lambda: self.model.extract_features(padded))
+
+    def _maskclip_stream(self, clip_image: torch.Tensor) -> tuple[Features, str | None]:
+        """MaskCLIP's mask-independent stream of `clip_image` (see `_cached`): computed the same way whether
+        cached or not; only the mask tokens then run per prediction."""
+        return self._cached(lambda storage, autocast: maskclip_key(self.model, clip_image, storage, autocast),
+                            lambda: self.model.maskclip_stream(clip_image))
 
     def _forward(self, image: Any, vocab: Vocabulary, keep_clip_embeds: bool = False) -> _Forward:
         """One full pass: features, heads, MaskCLIP and the ensembled probabilities of one image."""
@@ -179,19 +190,18 @@ class ODISEPredictor:
             masks = nn.functional.interpolate(out["pred_masks"].float(), size=(hp, wp), mode="bilinear",
                                               align_corners=False)[..., :h, :w]
             clip_image, clip_masks = model.maskclip_inputs(prep.tensor, prep.resized_size, out["pred_masks"])
-            clip_embeds = None
-            if keep_clip_embeds:  # the same logits as classify_with_clip, keeping the embeddings
-                clip_embeds = model.clip.mask_embeddings(clip_image, clip_masks)
-                text, syn_to_class = model.text_embeddings(vocab, self.cfg.head.clip_prompt)
-                clip_logits = clip_class_logits(clip_embeds, text, syn_to_class, len(vocab))
-            else:
-                clip_logits = model.classify_with_clip(clip_image, clip_masks, vocab)
+            stream, stream_state = self._maskclip_stream(clip_image)
+            clip_embeds = model.mask_embeddings(clip_image, clip_masks, stream)
+            text, syn_to_class = model.text_embeddings(vocab, self.cfg.head.clip_prompt)
+            clip_logits = clip_class_logits(clip_embeds, text, syn_to_class, len(vocab))
             timings["clip_classifier"] = time.perf_counter() - t
 
         seen = vocab.is_base | torch.tensor([n in model.trained_classes for n in vocab.names], dtype=torch.bool)
         probs = geometric_ensemble(out["pred_logits"].float(), clip_logits.float(), seen.to(self.device),
                                    self.cfg.head.alpha, self.cfg.head.beta)[0]
-        return _Forward(prep, out, masks[0], clip_embeds, probs, timings, cache_state)
+        if cache_state is not None:  # a hit only when neither the backbone nor MaskCLIP ran
+            cache_state = "hit" if (cache_state, stream_state) == ("hit", "hit") else "miss"
+        return _Forward(prep, out, masks[0], clip_embeds if keep_clip_embeds else None, probs, timings, cache_state)
 
     @torch.inference_mode()
     def predict_raw(self, image: Any, vocab: Vocabulary, mode: str = "panoptic") -> RawPrediction:

@@ -5,7 +5,8 @@ run it through an ODISEPredictor). Being a subclass of `ODISE`, it shifts with i
 numerical oracle: fidelity to the official code is tested against its own outputs (tests/test_golden.py).
 The reference builds CLIP three times (captioner, category-head text, MaskCLIP), keeps SD's text
 encoder and re-encodes "" on every forward, re-encodes the vocabulary on every call, runs the whole
-UNet and the whole VAE decoder, and processes sliding-window crops one at a time.
+UNet and the whole VAE decoder, processes sliding-window crops one at a time, and runs MaskCLIP's
+whole transformer over the mask, class and patch tokens together (nothing of it cached per image).
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from torch import nn
 from odise_core import weights
 from odise_core.config import ModelConfig
 from odise_core.modeling.clip import ClipModel
-from odise_core.modeling.head import clip_class_logits
 from odise_core.modeling.odise import ODISE
 from odise_core.vocabulary import Vocabulary
 
@@ -72,8 +72,11 @@ class ReferenceEquivalentODISE(ODISE):
         extractor.empty_embedding.copy_(empty.reshape(extractor.empty_embedding.shape))
         return super().extract_features(image01)
 
-    def classify_with_clip(self, image01: torch.Tensor, mask_logits: torch.Tensor, vocab: Vocabulary
-                           ) -> torch.Tensor:
-        text, syn_to_class = self.text_embeddings(vocab, self.cfg.head.clip_prompt)
-        embeds = self.mask_clip.mask_embeddings(image01, mask_logits)
-        return clip_class_logits(embeds, text, syn_to_class, len(vocab))
+    def maskclip_stream(self, image01: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Nothing: the reference runs MaskCLIP's whole transformer per call (`mask_embeddings`)."""
+        return {}
+
+    def mask_embeddings(self, image01: torch.Tensor, mask_logits: torch.Tensor,
+                        stream: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        with torch.no_grad():
+            return self.mask_clip.mask_embeddings_full(image01.to(self.device), mask_logits)

@@ -86,3 +86,70 @@ def test_mask_embeddings(clip, photos):
     # queries are independent: dropping one leaves the others unchanged
     torch.testing.assert_close(clip.mask_embeddings(photos, logits[:, :2]), emb[:, :2], atol=1e-5, rtol=1e-4)
     assert math.isfinite(float(emb.sum()))
+
+
+def _clip(vision: dict) -> ClipModel:
+    """A small CLIP with `vision` overriding the tiny preset's vision config (random weights, seeded)."""
+    import copy
+
+    import open_clip
+
+    cfg = copy.deepcopy(get_config("tiny").clip)
+    cfg.custom = {**cfg.custom, "vision_cfg": {**cfg.custom["vision_cfg"], **vision}}
+    torch.manual_seed(0)
+    return ClipModel(cfg, open_clip.CLIP(**cfg.custom).float())
+
+
+def _mask_patterns(b: int, q: int, size: int, seed: int) -> torch.Tensor:
+    """(b, q, size, size) mask logits: empty, full, halves, a single patch's worth, random blobs, near 0.5."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(b, q, size, size, generator=g) * 4  # random: about half the patches kept
+    logits[:, 0] = -8.0  # empty: the class token only
+    logits[:, 1] = 8.0  # everything
+    logits[:, 2] = -8.0
+    logits[:, 2, :, : size // 2] = 8.0  # left half
+    logits[:, 3] = -8.0
+    logits[:, 3, :3, :3] = 8.0  # a few pixels: one patch
+    logits[0, 4] = -8.0  # empty in the first image only
+    logits[:, 5] = torch.randn(b, size, size, generator=g) * 0.05  # sigmoid near the 0.5 threshold
+    return logits
+
+
+@pytest.mark.parametrize("vision", [{}, {"layers": 3, "width": 96, "head_width": 32, "ls_init_value": 0.5}],
+                         ids=["tiny", "3-heads-layer-scale"])
+def test_split_maskclip_equals_the_whole_transformer(photos, vision):
+    """The cacheable split (class + patch stream once, then the mask tokens) computes what the reference's
+    whole transformer under the attention mask computes, per query, image and mask pattern."""
+    model = _clip(vision)
+    for b, q, size in ((3, 8, 128), (1, 6, 40), (2, 12, 56)):
+        logits = _mask_patterns(b, q, size, seed=q)
+        split = model.mask_embeddings(photos[:b], logits)
+        full = model.mask_embeddings_full(photos[:b], logits)
+        assert split.shape == (b, q, model.dim)
+        torch.testing.assert_close(split, full, atol=5e-7, rtol=1e-6)
+        assert not torch.allclose(split[:, 0], split[:, 1])  # the masks matter
+    empty = torch.full((2, 3, 56, 56), -8.0)
+    torch.testing.assert_close(model.mask_embeddings(photos[:2], empty), model.mask_embeddings_full(photos[:2], empty),
+                               atol=5e-7, rtol=1e-6)
+
+
+def test_maskclip_stream_is_mask_independent_and_per_image(clip, photos):
+    image = clip.maskclip_image(photos)
+    stream = clip.maskclip_stream(image)
+    layers, width = len(clip.model.visual.transformer.resblocks), clip.model.visual.transformer.width
+    tokens = 1 + (clip.image_size // 14) ** 2
+    assert stream["cls"].shape == (3, width)
+    assert stream["keys"].shape == stream["values"].shape == (3, layers, tokens, width)
+    one = clip.maskclip_stream(image[1:2])  # images are independent of their batch
+    for name in stream:
+        torch.testing.assert_close(one[name][0], stream[name][1], atol=1e-5, rtol=1e-5)
+    logits = _mask_patterns(3, 6, 128, seed=1)
+    torch.testing.assert_close(clip.embed_masks(stream, logits), clip.mask_embeddings(photos, logits), atol=0, rtol=0)
+
+
+def test_non_standard_blocks_are_refused_by_name(photos):
+    from odise_core.modeling.clip import UnsupportedClipArchitecture
+
+    model = _clip({"qk_norm": True})
+    with pytest.raises(UnsupportedClipArchitecture, match="standard open_clip"):
+        model.mask_embeddings(photos[:1], torch.zeros(1, 2, 56, 56))

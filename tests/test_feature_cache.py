@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from odise_core.config import get_config
-from odise_core.feature_cache import FeatureCache, feature_key
+from odise_core.feature_cache import FeatureCache, feature_key, maskclip_key
 from odise_core.predictor import ODISEPredictor, build_predictor
 from odise_core.vocabulary import TextEmbeddingCache, Vocabulary
 
@@ -163,20 +163,40 @@ def _same(a, b) -> None:
     assert all(np.array_equal(s.mask, t.mask) for s, t in zip(a.segments, b.segments))
 
 
-def test_fp32_cached_predictions_equal_uncached(tiny, vocab, photos, tmp_path):
+def test_fp32_cached_predictions_equal_uncached(tiny, vocab, photos, tmp_path, monkeypatch):
+    ran: list[str] = []
+    for stage in ("extract_features", "maskclip_stream"):
+        original = getattr(tiny.model, stage)
+        monkeypatch.setattr(tiny.model, stage, lambda x, stage=stage, original=original: ran.append(stage) or original(x))
     plain = [tiny.predict_raw(photos[0], vocab)]
-    assert plain[0].feature_cache is None
+    assert plain[0].feature_cache is None and ran == ["extract_features", "maskclip_stream"]
     tiny.feature_cache = FeatureCache(tmp_path, max_bytes=10**9, storage="fp32")
     try:
         misses = [tiny.predict_raw(photos[0], vocab)]
+        ran.clear()
         hits = [tiny.predict_raw(photos[0], vocab)]
+        stats = tiny.feature_cache.stats()
     finally:
         tiny.feature_cache = None
     assert [r.feature_cache for r in misses + hits] == ["miss", "hit"]
+    assert ran == []  # a hit runs neither the backbone nor MaskCLIP's class and patch tokens
+    assert (stats.entries, stats.misses, stats.hits) == (2, 2, 2)  # backbone features and MaskCLIP stream
     for a, b, c in zip(plain, misses, hits):
         _same(a, b)
         _same(a, c)
-        assert c.timings["backbone"] > 0
+        assert c.timings["backbone"] > 0 and c.timings["clip_classifier"] > 0
+
+
+def test_query_state_embeddings_equal_with_a_cached_maskclip_stream(tiny, vocab, photos, tmp_path):
+    plain = tiny.query_state(photos[1], vocab)
+    tiny.feature_cache = FeatureCache(tmp_path, max_bytes=10**9, storage="fp32")
+    try:
+        first, again = tiny.query_state(photos[1], vocab), tiny.query_state(photos[1], vocab)
+        assert tiny.feature_cache.stats().hits == 2
+    finally:
+        tiny.feature_cache = None
+    for state in (first, again):
+        assert torch.equal(state.clip_embeds, plain.clip_embeds) and torch.equal(state.class_probs, plain.class_probs)
 
 
 def _panoptic(pred, size) -> np.ndarray:
@@ -239,6 +259,35 @@ def test_key_follows_inputs_precision_storage_and_backbone_weights(tiny, photos)
     assert feature_key(tiny.model, padded, "fused", "fp16") == key
 
 
+def test_maskclip_key_follows_the_clip_image_precision_storage_and_clip_weights_only(tiny, photos):
+    from odise_core.preprocess import prepare
+
+    prep = prepare(photos[0], tiny.cfg.backbone)
+    h, w = prep.resized_size
+    image = prep.tensor[..., :h, :w]
+    key = maskclip_key(tiny.model, image, "fp16")
+    assert key == maskclip_key(tiny.model, image.clone(), "fp16")
+    nudged = image.clone()
+    nudged[0, 0, h // 2 - 8 : h // 2 + 8, w // 2 - 8 : w // 2 + 8] += 0.05
+    others = [maskclip_key(tiny.model, nudged, "fp16"), maskclip_key(tiny.model, image, "fp32"),
+              maskclip_key(tiny.model, image, "fp16", torch.bfloat16), maskclip_key(tiny.model, prep.tensor, "fp16"),
+              feature_key(tiny.model, image, "fused", "fp16")]
+    assert len({key, *others}) == 6
+    state = {k: v.clone() for k, v in tiny.trainable_state_dict().items()}
+    changed = {k: (v + 1 if v.is_floating_point() else v) for k, v in state.items()}  # every trainable weight
+    try:
+        tiny.load_trainable_state_dict(changed)
+        assert maskclip_key(tiny.model, image, "fp16") == key  # CLIP is frozen: any fine-tune keeps hitting
+    finally:
+        tiny.load_trainable_state_dict(state)
+    tiny.model.__dict__["clip_weights_key"] = "ViT-other:file:/elsewhere.pt:1:2"
+    try:
+        assert maskclip_key(tiny.model, image, "fp16") != key
+    finally:
+        del tiny.model.__dict__["clip_weights_key"]
+    assert maskclip_key(tiny.model, image, "fp16") == key
+
+
 def test_heads_only_fine_tune_keeps_hitting_and_a_projection_fine_tune_misses(photos, vocab, tmp_path):
     from odise_core.tools.synthetic import make_scene
     from odise_core.training.finetune import FinetuneOptions, TrainSample, finetune
@@ -261,7 +310,11 @@ def test_heads_only_fine_tune_keeps_hitting_and_a_projection_fine_tune_misses(ph
     predictor.feature_cache = cached
     options.trainable = ("feature_projections", "predictor")
     finetune(predictor.model, samples, options, vocab=vocab, feature_cache=predictor.feature_cache)
+    before = predictor.feature_cache.stats()
     assert predictor.predict_raw(image, vocab).feature_cache == "miss"
+    after = predictor.feature_cache.stats()
+    # the fused features changed with the projections; MaskCLIP's stream (frozen CLIP only) still hits
+    assert (after.misses - before.misses, after.hits - before.hits) == (1, 1)
 
 
 # ----------------------------------------------------------------------------- odise-ls cache

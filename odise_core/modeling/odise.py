@@ -90,6 +90,14 @@ class ODISE(nn.Module):
         return f"{self.cfg.clip.model_name}:{kind}:{weights.source_identity(kind, location)}"
 
     @functools.cached_property
+    def clip_weights_key(self) -> str:
+        """Identifies the frozen CLIP weights alone (with random weights also the preset and seed), for
+        MaskCLIP's cached stream, which depends on nothing else of the model."""
+        if self.model_key.split(":")[1] == "random":
+            return f"{self.model_key};random={self.cfg.name}:{self.cfg.seed}"
+        return self.model_key
+
+    @functools.cached_property
     def frozen_weights_key(self) -> str:
         """Identifies the frozen SD and CLIP weights (sources with size/mtime of local files; with random
         weights the preset and seeds that drew them), for the backbone feature cache."""
@@ -179,8 +187,21 @@ class ODISE(nn.Module):
             return image01, canvas[..., :h, :w]
         raise ValueError(f"head.maskclip_input must be 'reference' or 'aligned', got {kind!r}")
 
-    def classify_with_clip(self, image01: torch.Tensor, mask_logits: torch.Tensor, vocab: Vocabulary) -> torch.Tensor:
+    def maskclip_stream(self, image01: torch.Tensor) -> dict[str, torch.Tensor]:
+        """MaskCLIP's mask-independent part of an image (as `maskclip_inputs` gives it): frozen CLIP only, so
+        the predictor caches it per image (odise_core/feature_cache.py, `maskclip_key`)."""
+        with torch.no_grad():
+            return self.clip.maskclip_stream(self.clip.maskclip_image(image01.to(self.device)))
+
+    def mask_embeddings(self, image01: torch.Tensor, mask_logits: torch.Tensor,
+                        stream: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """MaskCLIP embeddings (B,Q,D) of an image and mask logits (as `maskclip_inputs` gives them), from
+        `stream` (`maskclip_stream` of that image, e.g. cached) or computing it."""
+        return self.clip.embed_masks(self.maskclip_stream(image01) if stream is None else stream, mask_logits)
+
+    def classify_with_clip(self, image01: torch.Tensor, mask_logits: torch.Tensor, vocab: Vocabulary,
+                           stream: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """MaskCLIP logits (B,Q,K) of an image and mask logits (as `maskclip_inputs` gives them)."""
         text, syn_to_class = self.text_embeddings(vocab, self.cfg.head.clip_prompt)
-        embeds = self.clip.mask_embeddings(image01, mask_logits)
+        embeds = self.mask_embeddings(image01, mask_logits, stream)
         return clip_class_logits(embeds, text, syn_to_class, len(vocab))
