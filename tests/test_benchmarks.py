@@ -93,7 +93,8 @@ def test_feature_cache_reports_a_miss_then_cheaper_hits():
     report = json.loads(_run("feature_cache.py", "--preset", "tiny", "--size", "128", "--storage", "fp32",
                              "--repeats", "2", "--json"))
     assert report["miss"]["cache"] == "miss" and [h["cache"] for h in report["hits"]] == ["hit", "hit"]
-    assert report["bytes_per_image"] > 0 and report["storage"] == "fp32"
+    assert report["bytes_per_image"] > report["maskclip_bytes"] > 0 and report["storage"] == "fp32"
+    assert report["entries"] == 2  # the backbone features and MaskCLIP's stream
     assert all(h["backbone"] < report["miss"]["backbone"] for h in report["hits"])
     # the times are rounded to 3 decimals: their ratio may differ from the unrounded one by 0.0005 / hit_s
     assert report["speedup"] == pytest.approx(report["miss_s"] / report["hit_s"],

@@ -128,13 +128,14 @@ class ClipModel(nn.Module):
         masks = F.interpolate(mask_logits.float(), size=size, mode="bilinear", align_corners=False)
         keep = self.patch_keep(masks)  # (B, Q, P)
         b, q = keep.shape[:2]
-        attend = torch.cat([keep.new_ones(b, q, 1), keep], dim=-1).unsqueeze(1)  # (B, 1, Q, 1+P): class token always
         keys, values = stream["keys"], stream["values"]
+        attend = torch.cat([keep.new_ones(b, q, 1), keep], dim=-1).unsqueeze(1)  # (B, 1, Q, 1+P): class token always
+        bias = torch.zeros(attend.shape, dtype=keys.dtype, device=keys.device).masked_fill_(~attend, float("-inf"))
         x = stream["cls"].unsqueeze(1).expand(-1, q, -1)
         for i, block in enumerate(_standard_blocks(self.model.visual.transformer)):
             width = x.shape[-1]
             query = F.linear(block.ln_1(x), block.attn.in_proj_weight[:width], block.attn.in_proj_bias[:width])
-            x = _attend_then_mlp(block, x, query, keys[:, i], values[:, i], attend)
+            x = _attend_then_mlp(block, x, query, keys[:, i], values[:, i], bias)
         return self._project(x)
 
     def mask_embeddings(self, image01: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
@@ -190,14 +191,15 @@ def _standard_blocks(transformer: nn.Module) -> nn.ModuleList:
 
 
 def _attend_then_mlp(block: nn.Module, x: torch.Tensor, query: torch.Tensor, keys: torch.Tensor,
-                     values: torch.Tensor, attend: torch.Tensor | None = None) -> torch.Tensor:
-    """One resblock on tokens `x` (B,N,W) whose projected `query` reads `keys` and `values` (B,M,W) where
-    `attend` (broadcast to B,heads,N,M; None: everywhere) is True: x + ls_1(attn), then + ls_2(mlp(ln_2))."""
+                     values: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """One resblock on tokens `x` (B,N,W) whose projected `query` reads `keys` and `values` (B,M,W), with the
+    additive attention `bias` (broadcast to B,heads,N,M; -inf where not attended; None: everywhere):
+    x + ls_1(attn), then + ls_2(mlp(ln_2)). Made once per call, the bias spares a per-layer conversion."""
     heads = block.attn.num_heads
 
     def split(t: torch.Tensor) -> torch.Tensor:  # (B, N, W) -> (B, heads, N, W / heads)
         return t.unflatten(-1, (heads, t.shape[-1] // heads)).transpose(1, 2)
 
-    out = F.scaled_dot_product_attention(split(query), split(keys), split(values), attn_mask=attend)
+    out = F.scaled_dot_product_attention(split(query), split(keys), split(values), attn_mask=bias)
     x = x + block.ls_1(block.attn.out_proj(out.transpose(1, 2).flatten(2)))
     return x + block.ls_2(block.mlp(block.ln_2(x)))
