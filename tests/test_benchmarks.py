@@ -145,3 +145,14 @@ def test_prelabel_scaling_reports_interleaved_rounds_of_warm_models():
     assert two["ratio_to_1_worker"] == round(statistics.median(
         b / a for a, b in zip(one["rounds_images_per_s"], two["rounds_images_per_s"])), 3)
     assert isinstance(results["ray_1_worker_overhead_ms_per_image"], float)
+
+
+def test_maskclip_reports_the_split_against_the_whole_transformer():
+    report = json.loads(_run("maskclip.py", "--preset", "tiny", "--repeats", "2", "--json"))
+    assert (report["queries"], report["layers"], report["tokens"], report["width"]) == (20, 2, 17, 64)
+    assert report["max_abs_diff"] < 1e-6  # the same embeddings
+    assert all(len(times) == 2 and all(t > 0 for t in times) for times in report["rounds"].values())
+    assert report["miss_s"] == pytest.approx(report["seconds"]["stream"] + report["seconds"]["hit"], abs=2e-3)
+    # per image: the class token, then keys and values (or hidden states) of 17 tokens in 2 layers, fp16
+    assert report["bytes_keys_values"] == 2 * (64 + 2 * 2 * 17 * 64)
+    assert report["bytes_hidden"] == 2 * (64 + 2 * 17 * 64)
