@@ -176,7 +176,7 @@ def _source(args: argparse.Namespace) -> Source:
     def fetch_ls(fraction: float) -> Any:
         return build_training_data(
             fetch_annotated_tasks(client, args.project), target.vocabulary.names,
-            lambda task: fetcher.fetch(task["data"][target.data_key], task_id=task.get("id")),
+            lambda task: fetcher.fetch(task["data"].get(target.data_key), task_id=task.get("id")),
             is_thing=[bool(t) for t in target.vocabulary.is_thing], holdout_fraction=fraction,
             from_names=[c.name for c in target.controls])
 

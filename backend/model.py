@@ -317,7 +317,7 @@ class ODISEBackend:
             tasks = fetch_annotated_tasks(client, project_id)
             return build_training_data(
                 tasks, target.vocabulary.names,
-                lambda task: self.fetcher.fetch(task["data"][target.data_key], task_id=task.get("id")),
+                lambda task: self._task_image(task, target),
                 is_thing=[bool(t) for t in target.vocabulary.is_thing], holdout_fraction=holdout_fraction,
                 from_names=[c.name for c in target.controls])
 

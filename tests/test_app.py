@@ -437,6 +437,29 @@ def test_training_does_not_block_predictions(tmp_path: Path, monkeypatch) -> Non
     assert len(client.get("/versions?project=9.1").get_json()["versions"]) == 2
 
 
+def test_an_unreachable_or_missing_task_image_skips_that_task_instead_of_failing_the_fine_tune(tmp_path: Path,
+                                                                                               monkeypatch) -> None:
+    """Training data read through the backend's fetcher: a task whose image is gone (connection refused) or
+    whose data lacks the image field is skipped and counted, as the job's other tasks still train."""
+    import backend.training_data as training_data
+
+    server = _backend(tmp_path, label_studio_url="http://127.0.0.1:9", api_key="legacy-token")
+    server.start_loading(background=False)
+    square = {"from_name": "label", "to_name": "image", "type": "polygonlabels",
+              "value": {"points": [[25, 20], [75, 20], [75, 60], [25, 60]], "polygonlabels": ["Bright"]}}
+
+    def task(task_id: int, data: dict) -> dict:
+        return {"id": task_id, "data": data, "annotations": [{"id": task_id, "result": [square]}]}
+
+    tasks = [task(1, {"image": _data_uri(_image())}), task(2, {"image": "http://127.0.0.1:9/gone.png"}),
+             task(3, {"picture": _data_uri(_image())}), task(4, {"image": _data_uri(_image())})]
+    monkeypatch.setattr(training_data, "fetch_annotated_tasks", lambda client, project: tasks)
+    data = server._training_fetcher(9, server.parse_config(CONFIG).targets[0])(0.0)
+    assert sorted(data.train_task_ids) == [1, 4] and data.holdout_task_ids == []
+    assert dict(data.skipped) == {"image not loadable": 2}
+    assert data.train[0].classes.tolist() == [0] and data.train[0].masks.shape == (1, H, W)
+
+
 def test_several_images_and_controls_per_task(ready) -> None:
     _, client = ready
     config = """<View><Image name="before" value="$before"/><Image name="after" value="$after"/>
