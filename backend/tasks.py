@@ -11,12 +11,14 @@ import binascii
 import hashlib
 import logging
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 from urllib.parse import quote, unquote, urljoin, urlparse
 
 import numpy as np
 import requests
+import urllib3
 from PIL import Image
 
 from backend.ls_client import LabelStudioAuth, LabelStudioAuthError
@@ -35,7 +37,8 @@ class ImageFetchError(RuntimeError):
 class ImageFetcher:
     """Fetch and decode task images with an in-memory LRU cache keyed by URL.
 
-    `max_bytes` caps downloads and files (checked before decoding); `timeout` is (connect, read) seconds;
+    `max_bytes` caps downloads and files (checked before decoding); `timeout` is (connect, read) seconds,
+    and the read time (IMAGE_TIMEOUT) also bounds a whole download, however steadily its bytes arrive;
     the cache holds at most `cache_size` decoded images and `cache_bytes` of pixels.
     """
 
@@ -143,6 +146,7 @@ class ImageFetcher:
                                   f"{self.max_bytes / 2 ** 20:.0f} MiB limit (MAX_IMAGE_MB)")
 
     def _download(self, url: str, with_auth: bool) -> bytes:
+        deadline = time.monotonic() + self.timeout[1]
         headers = {}
         if with_auth:
             if self.auth is None:
@@ -167,18 +171,37 @@ class ImageFetcher:
                 length = r.headers.get("Content-Length")
                 if length and length.isdigit():
                     self._check_size(int(length), url)
-                chunks, total = [], 0
-                for chunk in r.iter_content(1 << 16):
-                    total += len(chunk)
-                    self._check_size(total, url)
-                    chunks.append(chunk)
-                return b"".join(chunks)
+                return self._body(r, url, deadline)
         except LabelStudioAuthError as e:
             raise ImageFetchError(str(e)) from e
-        except requests.Timeout as e:
+        except (requests.Timeout, urllib3.exceptions.TimeoutError) as e:
+            if time.monotonic() >= deadline:
+                raise self._overdue(url) from e
             raise ImageFetchError(f"{_short(url)}: timed out after {self.timeout} s") from e
-        except requests.RequestException as e:
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
             raise ImageFetchError(f"{_short(url)}: download failed: {e}") from e
+
+    def _body(self, r: requests.Response, url: str, deadline: float) -> bytes:
+        """The body as it arrives, one socket read at a time, each waiting at most until `deadline`
+        (time.monotonic()): the read timeout alone bounds only the wait for the next byte."""
+        sock = getattr(r.raw.connection, "sock", None)
+        chunks, total = [], 0
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise self._overdue(url)
+            if sock is not None:
+                sock.settimeout(min(left, self.timeout[1]))
+            chunk = r.raw.read1(1 << 16, decode_content=True)
+            if not chunk:
+                return b"".join(chunks)
+            total += len(chunk)
+            self._check_size(total, url)
+            chunks.append(chunk)
+
+    def _overdue(self, url: str) -> ImageFetchError:
+        return ImageFetchError(f"{_short(url)}: timed out: the download took more than {self.timeout[1]:g} s "
+                               "(IMAGE_TIMEOUT)")
 
     def _get(self, url: str, headers: dict[str, str]) -> requests.Response:
         return self.session.get(url, headers=headers, timeout=self.timeout, stream=True)

@@ -80,6 +80,16 @@ class _Server:
                         return self._send(401, b'{"detail": "no"}', "application/json")
                 if self.path.endswith("/slow.png"):
                     time.sleep(2)
+                if self.path.endswith("/drip.png"):  # a sixteenth of the image every 0.25 s: ~4 s in all
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(COFFEE_PNG)))
+                    self.end_headers()
+                    step = len(COFFEE_PNG) // 16 + 1
+                    for start in range(0, len(COFFEE_PNG), step):
+                        self.wfile.write(COFFEE_PNG[start:start + step])
+                        self.wfile.flush()
+                        time.sleep(0.25)
+                    return
                 if self.path.endswith("/text.txt"):
                     return self._send(200, b"hello, not an image", "text/plain")
                 if self.path.endswith("/big.png"):
@@ -191,6 +201,17 @@ def test_limits_and_bad_content(server: _Server) -> None:
         fetcher.fetch("s3://bucket/a.png")
     with pytest.raises(ImageFetchError, match="non-empty string"):
         fetcher.fetch("")
+
+
+def test_a_server_trickling_bytes_cannot_hold_a_download_past_the_timeout(server: _Server) -> None:
+    """The read timeout bounds each wait for a byte; the whole download is bounded too, or a server sending a
+    little every quarter second would hold the prediction (and Label Studio's request) for as long as it likes."""
+    fetcher = ImageFetcher(timeout=(2, 1.0))
+    t0 = time.perf_counter()
+    with pytest.raises(ImageFetchError, match=r"drip.png: timed out: the download took more than 1 s \(IMAGE_TIMEOUT\)"):
+        fetcher.fetch(f"{server.url}/public/drip.png")
+    assert time.perf_counter() - t0 < 2.5
+    assert np.array_equal(ImageFetcher(timeout=(2, 30)).fetch(f"{server.url}/public/drip.png"), COFFEE)
 
 
 def test_decompression_bomb_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
