@@ -14,7 +14,7 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
-from urllib.parse import quote, unquote, urljoin, urlparse
+from urllib.parse import quote, unquote, unquote_to_bytes, urljoin, urlparse
 
 import numpy as np
 import requests
@@ -80,7 +80,7 @@ class ImageFetcher:
         except Image.DecompressionBombError as e:
             raise ImageFetchError(f"{_short(url)} has too many pixels: {e}") from e
         except (ValueError, OSError) as e:
-            raise ImageFetchError(f"{_short(url)}: {e}") from e
+            raise ImageFetchError(f"{_short(url)}: {_not_an_image(data, e)}") from e
         with self._lock:
             self.misses += 1
             self._cache[key] = image
@@ -124,11 +124,16 @@ class ImageFetcher:
         return urljoin(self.ls_url + "/", path.lstrip("/"))
 
     def _data_uri(self, url: str) -> bytes:
+        """The bytes of a data: URL as a browser reads them (the WHATWG rules): percent-decoded, then, after a
+        ";base64" marker in any case, base64 that ignores whitespace and may leave out its padding."""
         header, _, payload = url.partition(",")
-        try:
-            data = base64.b64decode(payload, validate=False) if header.endswith(";base64") else unquote(payload).encode()
-        except (binascii.Error, ValueError) as e:
-            raise ImageFetchError(f"malformed data URI: {e}") from e
+        data = unquote_to_bytes(payload)
+        if header.rstrip().lower().endswith(";base64"):
+            data = b"".join(data.split()).rstrip(b"=")
+            try:
+                data = base64.b64decode(data + b"=" * (-len(data) % 4), validate=True)
+            except (binascii.Error, ValueError) as e:
+                raise ImageFetchError(f"malformed data URI: its base64 cannot be decoded ({e})") from e
         self._check_size(len(data), "data URI")
         return data
 
@@ -205,6 +210,17 @@ class ImageFetcher:
 
     def _get(self, url: str, headers: dict[str, str]) -> requests.Response:
         return self.session.get(url, headers=headers, timeout=self.timeout, stream=True)
+
+
+def _not_an_image(data: bytes, error: Exception) -> str:
+    """Why `data` did not decode, in words a user can act on: an HTML or JSON answer says what it is."""
+    head = data[:1024].lstrip()
+    if head[:15].lower().startswith((b"<!doctype html", b"<html")):
+        return ("got an HTML page, not an image (a sign-in or error page? check the URL, and LABEL_STUDIO_API_KEY "
+                "for Label Studio files)")
+    if head[:1] in (b"{", b"["):
+        return f"got JSON, not an image: {head[:200].decode('utf-8', 'replace')}"
+    return str(error)
 
 
 def _short(url: str, limit: int = 120) -> str:
