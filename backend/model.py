@@ -228,7 +228,7 @@ class ODISEBackend:
               access_token: str | None = None) -> str:
         """Validate the project's config (LabelConfigError if unusable) and return the model version."""
         self.parse_config(label_config)
-        self.fetcher.configure(hostname, access_token)
+        self.fetcher.configure(hostname, access_token, from_setup=True)
         version = self.model_version(project_id_of(project))
         self.resume_refreshes()
         return version

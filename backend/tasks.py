@@ -46,6 +46,7 @@ class ImageFetcher:
                  max_bytes: int = 50 * 2 ** 20, cache_size: int = 32, cache_bytes: int = 512 * 2 ** 20, allow_local_paths: bool = True):
         self.ls_url = ls_url.rstrip("/") if ls_url else None
         self.auth = LabelStudioAuth(self.ls_url, api_key) if (self.ls_url and api_key) else None
+        self._key_from_setup = False  # True while `auth` holds the token of Label Studio's latest /setup
         self.timeout = timeout
         self.max_bytes = max_bytes
         self.allow_local_paths = allow_local_paths
@@ -57,12 +58,20 @@ class ImageFetcher:
         self.hits = 0
         self.misses = 0
 
-    def configure(self, ls_url: str | None, api_key: str | None) -> None:
-        """Set the Label Studio URL and key (e.g. from /setup) unless they were given already."""
+    def configure(self, ls_url: str | None, api_key: str | None, from_setup: bool = False) -> None:
+        """Set the Label Studio URL and key unless they were given already.
+
+        With `from_setup` (they come in a /setup request), the key replaces one an earlier /setup gave:
+        Label Studio sends the token its project's creator has now, and the older one stops working
+        once they reset it.
+        """
         if ls_url and not self.ls_url:
             self.ls_url = ls_url.rstrip("/")
-        if api_key and self.ls_url and self.auth is None:
+        if not (api_key and self.ls_url):
+            return
+        if self.auth is None or (from_setup and self._key_from_setup and api_key != self.auth.api_key):
             self.auth = LabelStudioAuth(self.ls_url, api_key)
+            self._key_from_setup = from_setup
 
     def fetch(self, url: str, task_id: int | None = None) -> np.ndarray:
         """The image at `url` as uint8 HxWx3 RGB; raises ImageFetchError with an actionable message."""

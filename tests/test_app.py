@@ -460,6 +460,26 @@ def test_an_unreachable_or_missing_task_image_skips_that_task_instead_of_failing
     assert data.train[0].classes.tolist() == [0] and data.train[0].masks.shape == (1, H, W)
 
 
+def test_a_token_a_later_setup_sends_replaces_the_one_an_earlier_setup_sent(tmp_path: Path) -> None:
+    """Label Studio's /setup carries the project creator's token; once they reset it the old one is refused, so
+    the token of a later /setup replaces it. A key given in the settings (LABEL_STUDIO_API_KEY) stays."""
+    def setup(client, token: str) -> None:
+        r = client.post("/setup", json={"project": "3.1", "schema": CONFIG, "hostname": "http://ls.example:8080",
+                                        "access_token": token})
+        assert r.status_code == 200, r.get_json()
+
+    backend = _backend(tmp_path / "setup")
+    backend.start_loading(background=False)
+    client = create_app(backend).test_client()
+    for token in ("first-token", "reset-token"):
+        setup(client, token)
+        assert (backend.fetcher.ls_url, backend.fetcher.auth.api_key) == ("http://ls.example:8080", token)
+    configured = _backend(tmp_path / "settings", label_studio_url="http://ls.example:8080", api_key="from-settings")
+    configured.start_loading(background=False)
+    setup(create_app(configured).test_client(), "reset-token")
+    assert configured.fetcher.auth.api_key == "from-settings"
+
+
 def test_several_images_and_controls_per_task(ready) -> None:
     _, client = ready
     config = """<View><Image name="before" value="$before"/><Image name="after" value="$after"/>
