@@ -118,9 +118,13 @@ class PrelabelWorker:
             self.cpu_seconds += time.process_time() - cpu
 
     def stats(self) -> WorkerStats:
+        """What this actor did; also writes its feature cache hit/miss counts (the actor is killed, not exited)."""
         import ray
         import torch
 
+        feature_cache = getattr(self.runner.model, "feature_cache", None)
+        if feature_cache is not None:
+            feature_cache.flush()
         return WorkerStats(ray.get_runtime_context().get_actor_name() or "", os.getpid(), torch.get_num_threads(),
                            self.images, self.busy_seconds, self.cpu_seconds,
                            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

@@ -121,6 +121,25 @@ def test_health_setup_predict(ready) -> None:
     assert bright["from_name"] == "label" and bright["to_name"] == "image" and bright["type"] == "polygonlabels"
 
 
+def test_an_exif_rotated_photo_is_segmented_as_label_studio_shows_it(ready) -> None:
+    """Label Studio's editor shows a photo turned by its EXIF orientation (the browser applies it) and keeps
+    regions in percent of that view: the regions, and their original size, are of the turned photo."""
+    _, client = ready
+    stored = np.zeros((H, W, 3), np.uint8)
+    stored[5:20, 10:70] = 255  # a wide bright bar near the top of the stored pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise: the bar stands upright on the right
+    buf = io.BytesIO()
+    Image.fromarray(stored).save(buf, format="PNG", exif=exif)
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    (pred,) = _predict(client, [{"id": 1, "data": {"image": uri}}]).get_json()["results"]
+    bright = next(r for r in pred["result"] if r["value"]["polygonlabels"] == ["Bright"])
+    assert (bright["original_width"], bright["original_height"]) == (H, W)
+    shown = np.rot90(stored, k=-1).mean(-1) > 128
+    pts = np.asarray(bright["value"]["points"]) / 100 * [H, W]
+    assert mask_iou(polygons_to_mask([pts], W, H), shown) == 1.0
+
+
 def test_one_bad_task_does_not_fail_the_batch(ready) -> None:
     backend, client = ready
     tasks = [{"id": 1, "data": {"image": _data_uri(_image())}},
@@ -435,6 +454,49 @@ def test_training_does_not_block_predictions(tmp_path: Path, monkeypatch) -> Non
     assert client.post("/setup", json={"project": "9.1", "schema": CONFIG}).get_json()["model_version"] == \
         backend.base_version
     assert len(client.get("/versions?project=9.1").get_json()["versions"]) == 2
+
+
+def test_an_unreachable_or_missing_task_image_skips_that_task_instead_of_failing_the_fine_tune(tmp_path: Path,
+                                                                                               monkeypatch) -> None:
+    """Training data read through the backend's fetcher: a task whose image is gone (connection refused) or
+    whose data lacks the image field is skipped and counted, as the job's other tasks still train."""
+    import backend.training_data as training_data
+
+    server = _backend(tmp_path, label_studio_url="http://127.0.0.1:9", api_key="legacy-token")
+    server.start_loading(background=False)
+    square = {"from_name": "label", "to_name": "image", "type": "polygonlabels",
+              "value": {"points": [[25, 20], [75, 20], [75, 60], [25, 60]], "polygonlabels": ["Bright"]}}
+
+    def task(task_id: int, data: dict) -> dict:
+        return {"id": task_id, "data": data, "annotations": [{"id": task_id, "result": [square]}]}
+
+    tasks = [task(1, {"image": _data_uri(_image())}), task(2, {"image": "http://127.0.0.1:9/gone.png"}),
+             task(3, {"picture": _data_uri(_image())}), task(4, {"image": _data_uri(_image())})]
+    monkeypatch.setattr(training_data, "fetch_annotated_tasks", lambda client, project: tasks)
+    data = server._training_fetcher(9, server.parse_config(CONFIG).targets[0])(0.0)
+    assert sorted(data.train_task_ids) == [1, 4] and data.holdout_task_ids == []
+    assert dict(data.skipped) == {"image not loadable": 2}
+    assert data.train[0].classes.tolist() == [0] and data.train[0].masks.shape == (1, H, W)
+
+
+def test_a_token_a_later_setup_sends_replaces_the_one_an_earlier_setup_sent(tmp_path: Path) -> None:
+    """Label Studio's /setup carries the project creator's token; once they reset it the old one is refused, so
+    the token of a later /setup replaces it. A key given in the settings (LABEL_STUDIO_API_KEY) stays."""
+    def setup(client, token: str) -> None:
+        r = client.post("/setup", json={"project": "3.1", "schema": CONFIG, "hostname": "http://ls.example:8080",
+                                        "access_token": token})
+        assert r.status_code == 200, r.get_json()
+
+    backend = _backend(tmp_path / "setup")
+    backend.start_loading(background=False)
+    client = create_app(backend).test_client()
+    for token in ("first-token", "reset-token"):
+        setup(client, token)
+        assert (backend.fetcher.ls_url, backend.fetcher.auth.api_key) == ("http://ls.example:8080", token)
+    configured = _backend(tmp_path / "settings", label_studio_url="http://ls.example:8080", api_key="from-settings")
+    configured.start_loading(background=False)
+    setup(create_app(configured).test_client(), "reset-token")
+    assert configured.fetcher.auth.api_key == "from-settings"
 
 
 def test_several_images_and_controls_per_task(ready) -> None:
