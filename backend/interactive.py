@@ -41,9 +41,13 @@ class Interaction:
     label: str | None = None
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _percent(value: dict, key: str, where: str) -> float:
     number = value.get(key)
-    if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+    if not _is_number(number):
         raise InteractionError(f'{where}: value.{key} must be a number (percent of the image), got {number!r}')
     if not -1e-6 <= number <= 100 + 1e-6:
         raise InteractionError(f"{where}: value.{key}={number} is outside the image (0-100 percent)")
@@ -90,17 +94,20 @@ def parse_context(context: Any) -> Interaction | None:
     if not isinstance(to_name, str) or not isinstance(from_name, str):
         raise InteractionError("each context result needs its from_name (the tool) and to_name (the image)")
     same = [r for r in results if r["type"] in kind_types and r.get("to_name") == to_name]
-    label = next((lab for lab in map(_picked_label, reversed(same)) if lab), None)
     for r in same:
         if not isinstance(r.get("value"), dict):
             raise InteractionError(f'context result of type {r["type"]} has no "value" object')
+    label = next((lab for lab in map(_picked_label, reversed(same)) if lab), None)
     if kind_types is CLICK_TYPES:
         clicks = tuple((_percent(r["value"], "x", "click"), _percent(r["value"], "y", "click"),
                         r.get("is_positive", True) is not False) for r in same)
         return Interaction("click", from_name, to_name, clicks=clicks, label=label)
     if kind_types is BOX_TYPES:
         value = same[-1]["value"]
-        if abs(float(value.get("rotation") or 0.0)) > 1e-6:
+        rotation = value.get("rotation") or 0.0
+        if not _is_number(rotation):
+            raise InteractionError(f"box: value.rotation must be a number (degrees), got {rotation!r}")
+        if min(rotation % 360.0, 360.0 - rotation % 360.0) > 1e-6:
             raise InteractionError("rotated boxes are not supported as prompts: draw the box without rotation")
         x, y = _percent(value, "x", "box"), _percent(value, "y", "box")
         w, h = _percent(value, "width", "box"), _percent(value, "height", "box")
@@ -110,6 +117,8 @@ def parse_context(context: Any) -> Interaction | None:
     texts = same[-1]["value"].get("text")
     if isinstance(texts, str):
         texts = [texts]
+    if texts is not None and not isinstance(texts, list):
+        raise InteractionError(f"text: value.text must be a string or a list of strings, got {texts!r}")
     phrases = [t.strip() for t in texts or [] if isinstance(t, str) and t.strip()]
     if not phrases:
         raise InteractionError("the text prompt is empty: type what to look for")

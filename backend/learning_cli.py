@@ -176,7 +176,7 @@ def _source(args: argparse.Namespace) -> Source:
     def fetch_ls(fraction: float) -> Any:
         return build_training_data(
             fetch_annotated_tasks(client, args.project), target.vocabulary.names,
-            lambda task: fetcher.fetch(task["data"][target.data_key], task_id=task.get("id")),
+            lambda task: fetcher.fetch(task["data"].get(target.data_key), task_id=task.get("id")),
             is_thing=[bool(t) for t in target.vocabulary.is_thing], holdout_fraction=fraction,
             from_names=[c.name for c in target.controls])
 
@@ -270,6 +270,7 @@ def _run_rank(args: argparse.Namespace) -> int:
 
     from backend.active_learning import rank, task_score
     from backend.learning import VersionStore
+    from backend.tasks import ImageFetchError
     from backend.training_data import fetch_tasks
     from odise_core.preprocess import load_image
     from odise_core.vocabulary import Vocabulary
@@ -294,19 +295,27 @@ def _run_rank(args: argparse.Namespace) -> int:
     settings, model, base = _build_model(args)
     stored = _use_version(model, VersionStore(settings.model_dir), key, args.version) if key else "base"
     version = _version_name(base, key, stored)
-    scores, names, counts = [], {}, {}
+    label = "task" if args.project is not None else "index"
+    scores, names, counts, failed = [], {}, {}, 0
     for item_id, name, load in tqdm(items, desc="rank", unit="img"):
-        raw = model.predict_raw(load(), vocab, mode=settings.mode)
+        try:  # one unreadable image is listed; the others are still ranked
+            raw = model.predict_raw(load(), vocab, mode=settings.mode)
+        except (ImageFetchError, OSError, ValueError) as e:
+            failed += 1
+            print(f"error: {label} {item_id} not ranked: {e}", file=sys.stderr)
+            continue
         scores.append((item_id, task_score(raw)))
         names[item_id], counts[item_id] = name, len(raw.segments)
     ranked = rank(scores)[: args.limit or None]
     print(f"# model version {version}; score = mean top-1 minus top-2 class probability margin "
           f"(low = uncertain = most informative first)")
-    label = "task" if args.project is not None else "index"
+    if failed:
+        print(f"# {failed} of {len(items)} {'tasks' if args.project is not None else 'images'} could not be ranked "
+              "(errors on stderr)")
     print(f"{label:>6} {'score':>7} {'segments':>8}  image")
     for item_id, s in ranked:
         print(f"{item_id:>6} {s:7.4f} {counts[item_id]:>8}  {names[item_id]}")
-    return 0
+    return 1 if failed else 0
 
 
 @_guard

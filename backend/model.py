@@ -228,7 +228,7 @@ class ODISEBackend:
               access_token: str | None = None) -> str:
         """Validate the project's config (LabelConfigError if unusable) and return the model version."""
         self.parse_config(label_config)
-        self.fetcher.configure(hostname, access_token)
+        self.fetcher.configure(hostname, access_token, from_setup=True)
         version = self.model_version(project_id_of(project))
         self.resume_refreshes()
         return version
@@ -317,7 +317,7 @@ class ODISEBackend:
             tasks = fetch_annotated_tasks(client, project_id)
             return build_training_data(
                 tasks, target.vocabulary.names,
-                lambda task: self.fetcher.fetch(task["data"][target.data_key], task_id=task.get("id")),
+                lambda task: self._task_image(task, target),
                 is_thing=[bool(t) for t in target.vocabulary.is_thing], holdout_fraction=holdout_fraction,
                 from_names=[c.name for c in target.controls])
 

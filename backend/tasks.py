@@ -11,12 +11,14 @@ import binascii
 import hashlib
 import logging
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
-from urllib.parse import quote, unquote, urljoin, urlparse
+from urllib.parse import quote, unquote, unquote_to_bytes, urljoin, urlparse
 
 import numpy as np
 import requests
+import urllib3
 from PIL import Image
 
 from backend.ls_client import LabelStudioAuth, LabelStudioAuthError
@@ -35,7 +37,8 @@ class ImageFetchError(RuntimeError):
 class ImageFetcher:
     """Fetch and decode task images with an in-memory LRU cache keyed by URL.
 
-    `max_bytes` caps downloads and files (checked before decoding); `timeout` is (connect, read) seconds;
+    `max_bytes` caps downloads and files (checked before decoding); `timeout` is (connect, read) seconds,
+    and the read time (IMAGE_TIMEOUT) also bounds a whole download, however steadily its bytes arrive;
     the cache holds at most `cache_size` decoded images and `cache_bytes` of pixels.
     """
 
@@ -43,6 +46,7 @@ class ImageFetcher:
                  max_bytes: int = 50 * 2 ** 20, cache_size: int = 32, cache_bytes: int = 512 * 2 ** 20, allow_local_paths: bool = True):
         self.ls_url = ls_url.rstrip("/") if ls_url else None
         self.auth = LabelStudioAuth(self.ls_url, api_key) if (self.ls_url and api_key) else None
+        self._key_from_setup = False  # True while `auth` holds the token of Label Studio's latest /setup
         self.timeout = timeout
         self.max_bytes = max_bytes
         self.allow_local_paths = allow_local_paths
@@ -54,12 +58,20 @@ class ImageFetcher:
         self.hits = 0
         self.misses = 0
 
-    def configure(self, ls_url: str | None, api_key: str | None) -> None:
-        """Set the Label Studio URL and key (e.g. from /setup) unless they were given already."""
+    def configure(self, ls_url: str | None, api_key: str | None, from_setup: bool = False) -> None:
+        """Set the Label Studio URL and key unless they were given already.
+
+        With `from_setup` (they come in a /setup request), the key replaces one an earlier /setup gave:
+        Label Studio sends the token its project's creator has now, and the older one stops working
+        once they reset it.
+        """
         if ls_url and not self.ls_url:
             self.ls_url = ls_url.rstrip("/")
-        if api_key and self.ls_url and self.auth is None:
+        if not (api_key and self.ls_url):
+            return
+        if self.auth is None or (from_setup and self._key_from_setup and api_key != self.auth.api_key):
             self.auth = LabelStudioAuth(self.ls_url, api_key)
+            self._key_from_setup = from_setup
 
     def fetch(self, url: str, task_id: int | None = None) -> np.ndarray:
         """The image at `url` as uint8 HxWx3 RGB; raises ImageFetchError with an actionable message."""
@@ -77,7 +89,7 @@ class ImageFetcher:
         except Image.DecompressionBombError as e:
             raise ImageFetchError(f"{_short(url)} has too many pixels: {e}") from e
         except (ValueError, OSError) as e:
-            raise ImageFetchError(f"{_short(url)}: {e}") from e
+            raise ImageFetchError(f"{_short(url)}: {_not_an_image(data, e)}") from e
         with self._lock:
             self.misses += 1
             self._cache[key] = image
@@ -121,11 +133,16 @@ class ImageFetcher:
         return urljoin(self.ls_url + "/", path.lstrip("/"))
 
     def _data_uri(self, url: str) -> bytes:
+        """The bytes of a data: URL as a browser reads them (the WHATWG rules): percent-decoded, then, after a
+        ";base64" marker in any case, base64 that ignores whitespace and may leave out its padding."""
         header, _, payload = url.partition(",")
-        try:
-            data = base64.b64decode(payload, validate=False) if header.endswith(";base64") else unquote(payload).encode()
-        except (binascii.Error, ValueError) as e:
-            raise ImageFetchError(f"malformed data URI: {e}") from e
+        data = unquote_to_bytes(payload)
+        if header.rstrip().lower().endswith(";base64"):
+            data = b"".join(data.split()).rstrip(b"=")
+            try:
+                data = base64.b64decode(data + b"=" * (-len(data) % 4), validate=True)
+            except (binascii.Error, ValueError) as e:
+                raise ImageFetchError(f"malformed data URI: its base64 cannot be decoded ({e})") from e
         self._check_size(len(data), "data URI")
         return data
 
@@ -143,6 +160,7 @@ class ImageFetcher:
                                   f"{self.max_bytes / 2 ** 20:.0f} MiB limit (MAX_IMAGE_MB)")
 
     def _download(self, url: str, with_auth: bool) -> bytes:
+        deadline = time.monotonic() + self.timeout[1]
         headers = {}
         if with_auth:
             if self.auth is None:
@@ -167,21 +185,51 @@ class ImageFetcher:
                 length = r.headers.get("Content-Length")
                 if length and length.isdigit():
                     self._check_size(int(length), url)
-                chunks, total = [], 0
-                for chunk in r.iter_content(1 << 16):
-                    total += len(chunk)
-                    self._check_size(total, url)
-                    chunks.append(chunk)
-                return b"".join(chunks)
+                return self._body(r, url, deadline)
         except LabelStudioAuthError as e:
             raise ImageFetchError(str(e)) from e
-        except requests.Timeout as e:
+        except (requests.Timeout, urllib3.exceptions.TimeoutError) as e:
+            if time.monotonic() >= deadline:
+                raise self._overdue(url) from e
             raise ImageFetchError(f"{_short(url)}: timed out after {self.timeout} s") from e
-        except requests.RequestException as e:
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
             raise ImageFetchError(f"{_short(url)}: download failed: {e}") from e
+
+    def _body(self, r: requests.Response, url: str, deadline: float) -> bytes:
+        """The body as it arrives, one socket read at a time, each waiting at most until `deadline`
+        (time.monotonic()): the read timeout alone bounds only the wait for the next byte."""
+        sock = getattr(r.raw.connection, "sock", None)
+        chunks, total = [], 0
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise self._overdue(url)
+            if sock is not None:
+                sock.settimeout(min(left, self.timeout[1]))
+            chunk = r.raw.read1(1 << 16, decode_content=True)
+            if not chunk:
+                return b"".join(chunks)
+            total += len(chunk)
+            self._check_size(total, url)
+            chunks.append(chunk)
+
+    def _overdue(self, url: str) -> ImageFetchError:
+        return ImageFetchError(f"{_short(url)}: timed out: the download took more than {self.timeout[1]:g} s "
+                               "(IMAGE_TIMEOUT)")
 
     def _get(self, url: str, headers: dict[str, str]) -> requests.Response:
         return self.session.get(url, headers=headers, timeout=self.timeout, stream=True)
+
+
+def _not_an_image(data: bytes, error: Exception) -> str:
+    """Why `data` did not decode, in words a user can act on: an HTML or JSON answer says what it is."""
+    head = data[:1024].lstrip()
+    if head[:15].lower().startswith((b"<!doctype html", b"<html")):
+        return ("got an HTML page, not an image (a sign-in or error page? check the URL, and LABEL_STUDIO_API_KEY "
+                "for Label Studio files)")
+    if head[:1] in (b"{", b"["):
+        return f"got JSON, not an image: {head[:200].decode('utf-8', 'replace')}"
+    return str(error)
 
 
 def _short(url: str, limit: int = 120) -> str:

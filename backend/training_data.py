@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from backend.ls_format import result_mask
+from backend.tasks import ImageFetchError
 from odise_core.training.finetune import TrainSample
 
 log = logging.getLogger(__name__)
@@ -122,8 +123,9 @@ def build_training_data(tasks: Iterable[dict], class_names: Sequence[str], load_
                         from_names: Iterable[str] | None = None) -> TrainingData:
     """Turn annotated tasks into train and held-out samples.
 
-    `load_image(task)` returns the task's image as uint8 HxWx3. With at least two usable tasks
-    and a positive fraction, at least one task is held out and at least one is trained on.
+    `load_image(task)` returns the task's image as uint8 HxWx3; a task whose image it cannot give (OSError,
+    ValueError, ImageFetchError) is skipped and counted. With at least two usable tasks and a positive
+    fraction, at least one task is held out and at least one is trained on.
     """
     if not 0.0 <= holdout_fraction < 1.0:
         raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
@@ -138,7 +140,7 @@ def build_training_data(tasks: Iterable[dict], class_names: Sequence[str], load_
         used.append((int(task["id"]), annotation))
         try:
             image = load_image(task)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, ImageFetchError) as exc:
             log.warning("task %s: image not loadable (%s); skipped", task.get("id"), exc)
             skipped["image not loadable"] += 1
             continue

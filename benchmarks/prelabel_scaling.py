@@ -3,7 +3,9 @@
 Folder mode on generated images (random pixels; cost does not depend on content), local Ray
 cluster. Every model is built and warmed on one extra image before anything is timed; the single
 process runs in this process with as many torch threads as one actor (`--cpus-per-worker`), on
-the same images, in the same run. With `--repeat R` the runs are interleaved (round r starts at
+the same images, in the same run. The feature cache is off unless `--feature-cache`: every pass
+sees the same images, so with it on only the first pass would run the backbone and the later ones
+would measure re-prediction from cached features, not the first pass a new dataset gets. With `--repeat R` the runs are interleaved (round r starts at
 a different configuration), so a slow spell on a shared machine hits every configuration; each
 figure is then the median over the rounds, and ratios are taken within a round.
 
@@ -120,7 +122,8 @@ class Bench:
         warm = make_images(root / "warm", 1, args.size, seed=1)[0]
         self.warm_task = {"id": None, "data": {"image": warm.resolve().as_uri()}}
         self.xml = make_label_config(Vocabulary.from_text(LABELS), kind="polygon")
-        self.settings = BackendSettings.from_env({}, preset=args.preset, device="cpu", fast=args.fast,
+        env = {} if args.feature_cache else {"FEATURE_CACHE_MB": "0"}
+        self.settings = BackendSettings.from_env(env, preset=args.preset, device="cpu", fast=args.fast,
                                                  random_weights=args.random_weights, model_dir=root / "models")
         self.runs = 0
         self.backend: ODISEBackend | None = None
@@ -213,7 +216,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                                "fetch_delay_s": args.fetch_delay,
                                "cpus": os.cpu_count(), "cpus_per_worker": args.cpus_per_worker,
                                "threads_per_model": thread_count(args.cpus_per_worker), "repeat": args.repeat,
-                               "load_start": load()}
+                               "feature_cache": args.feature_cache, "load_start": load()}
     with tempfile.TemporaryDirectory() as tmp:
         bench = Bench(args, Path(tmp))
         if not args.no_single:
@@ -229,6 +232,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 for config in configs[r % len(configs):] + configs[:r % len(configs)]:
                     rounds[config].append(bench.run(config))
             peak = {w: max(s.peak_rss_mb for s in pool.stats(pool.actors)) for w, pool in bench.pools.items()}
+            cache = bench.settings.feature_cache().stats()
+            results["feature_cache_lookups"] = {"hits": cache.hits, "misses": cache.misses}
         finally:
             for pool in bench.pools.values():
                 pool.shutdown()
@@ -258,7 +263,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 def report(results: dict[str, Any]) -> None:
     print(f"{results['preset']}{' fast' if results['fast'] else ''}, {results['images']} images of "
           f"{results['size']} px, {results['cpus']} CPUs, {results['threads_per_model']} torch thread(s) per model, "
-          f"{results['repeat']} round(s); load average {results['load_start']} at the start, "
+          f"{results['repeat']} round(s), feature cache {'on' if results['feature_cache'] else 'off'}; load average {results['load_start']} at the start, "
           f"{results['load_end']} at the end")
     delay = results["fetch_delay_s"]
     if delay:
@@ -292,6 +297,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs (torch threads) per actor")
     ap.add_argument("--repeat", type=int, default=1, help="interleaved rounds; figures are medians over them")
+    ap.add_argument("--feature-cache", action="store_true",
+                    help="keep the feature cache on: passes after the first then hit it (re-prediction, not a first pass)")
     ap.add_argument("--no-single", action="store_true", help="skip the single-process run (saves one model's memory)")
     ap.add_argument("--fetch-delay", type=float, default=0.0,
                     help="serve the images over HTTP on 127.0.0.1, each answer this many seconds late")

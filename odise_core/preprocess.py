@@ -80,9 +80,9 @@ def load_image(src: ImageSource) -> np.ndarray:
     if isinstance(src, Image.Image):
         return _pil_to_rgb(src)
     if isinstance(src, (bytes, bytearray)):
-        stream, name = io.BytesIO(src), "<bytes>"
+        stream, what = io.BytesIO(src), f"the data ({len(src)} bytes) is not a readable image"
     elif isinstance(src, (str, Path)):
-        stream, name = Path(src), str(src)
+        stream, what = Path(src), f"{src} is not a readable image"
     else:
         raise ValueError(f"cannot load an image from {type(src).__name__}")
     try:
@@ -92,7 +92,8 @@ def load_image(src: ImageSource) -> np.ndarray:
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         if isinstance(exc, FileNotFoundError):
             raise
-        raise ValueError(f"{name} is not a readable image: {exc}") from exc
+        reason = "no image format recognised" if isinstance(exc, UnidentifiedImageError) else str(exc)
+        raise ValueError(f"{what}: {reason}") from exc
 
 
 def resized_shape(h: int, w: int, min_size: int, max_size: int) -> tuple[int, int]:

@@ -437,6 +437,49 @@ def test_training_does_not_block_predictions(tmp_path: Path, monkeypatch) -> Non
     assert len(client.get("/versions?project=9.1").get_json()["versions"]) == 2
 
 
+def test_an_unreachable_or_missing_task_image_skips_that_task_instead_of_failing_the_fine_tune(tmp_path: Path,
+                                                                                               monkeypatch) -> None:
+    """Training data read through the backend's fetcher: a task whose image is gone (connection refused) or
+    whose data lacks the image field is skipped and counted, as the job's other tasks still train."""
+    import backend.training_data as training_data
+
+    server = _backend(tmp_path, label_studio_url="http://127.0.0.1:9", api_key="legacy-token")
+    server.start_loading(background=False)
+    square = {"from_name": "label", "to_name": "image", "type": "polygonlabels",
+              "value": {"points": [[25, 20], [75, 20], [75, 60], [25, 60]], "polygonlabels": ["Bright"]}}
+
+    def task(task_id: int, data: dict) -> dict:
+        return {"id": task_id, "data": data, "annotations": [{"id": task_id, "result": [square]}]}
+
+    tasks = [task(1, {"image": _data_uri(_image())}), task(2, {"image": "http://127.0.0.1:9/gone.png"}),
+             task(3, {"picture": _data_uri(_image())}), task(4, {"image": _data_uri(_image())})]
+    monkeypatch.setattr(training_data, "fetch_annotated_tasks", lambda client, project: tasks)
+    data = server._training_fetcher(9, server.parse_config(CONFIG).targets[0])(0.0)
+    assert sorted(data.train_task_ids) == [1, 4] and data.holdout_task_ids == []
+    assert dict(data.skipped) == {"image not loadable": 2}
+    assert data.train[0].classes.tolist() == [0] and data.train[0].masks.shape == (1, H, W)
+
+
+def test_a_token_a_later_setup_sends_replaces_the_one_an_earlier_setup_sent(tmp_path: Path) -> None:
+    """Label Studio's /setup carries the project creator's token; once they reset it the old one is refused, so
+    the token of a later /setup replaces it. A key given in the settings (LABEL_STUDIO_API_KEY) stays."""
+    def setup(client, token: str) -> None:
+        r = client.post("/setup", json={"project": "3.1", "schema": CONFIG, "hostname": "http://ls.example:8080",
+                                        "access_token": token})
+        assert r.status_code == 200, r.get_json()
+
+    backend = _backend(tmp_path / "setup")
+    backend.start_loading(background=False)
+    client = create_app(backend).test_client()
+    for token in ("first-token", "reset-token"):
+        setup(client, token)
+        assert (backend.fetcher.ls_url, backend.fetcher.auth.api_key) == ("http://ls.example:8080", token)
+    configured = _backend(tmp_path / "settings", label_studio_url="http://ls.example:8080", api_key="from-settings")
+    configured.start_loading(background=False)
+    setup(create_app(configured).test_client(), "reset-token")
+    assert configured.fetcher.auth.api_key == "from-settings"
+
+
 def test_several_images_and_controls_per_task(ready) -> None:
     _, client = ready
     config = """<View><Image name="before" value="$before"/><Image name="after" value="$after"/>

@@ -127,6 +127,7 @@ def test_prelabel_scaling_reports_interleaved_rounds_of_warm_models():
     results = json.loads(_run("prelabel_scaling.py", "--fast", "--images", "2", "--workers", "1", "2",
                               "--repeat", "2", "--json"))
     assert (results["preset"], results["images"], results["repeat"], results["threads_per_model"]) == ("tiny", 2, 2, 1)
+    assert results["feature_cache_lookups"] == {"hits": 0, "misses": 0}  # every pass runs the backbone
     rows = [results["single"], *results["ray"]]
     assert [r["workers"] for r in results["ray"]] == [1, 2]
     for row in rows:

@@ -192,6 +192,28 @@ def test_bad_contexts_get_error_entries_and_the_server_keeps_serving(served):
     assert ask(client, [keypoint(48, 37, "cup")])["result"][0]["value"]["polygonlabels"] == ["cup"]
 
 
+@pytest.mark.parametrize("result,message", [
+    (dict(rectangle(36, 26, 60, 48), value={**rectangle(36, 26, 60, 48)["value"], "rotation": "abc"}),
+     "value.rotation must be a number (degrees), got 'abc'"),
+    (dict(rectangle(36, 26, 60, 48), value={**rectangle(36, 26, 60, 48)["value"], "rotation": {"deg": 3}}),
+     "value.rotation must be a number (degrees), got {'deg': 3}"),
+    (dict(text("cup"), value={"text": 5}), "value.text must be a string or a list of strings, got 5"),
+    (dict(keypoint(48, 37), value=[48, 37]), 'context result of type keypointlabels has no "value" object'),
+    (dict(rectangle(36, 26, 60, 48), value="36,26"), 'context result of type rectanglelabels has no "value" object'),
+])
+def test_malformed_prompt_values_get_an_error_entry_not_a_server_error(served, result, message):
+    _, client, _ = served
+    answer = ask(client, [result])
+    assert "result" not in answer and message in answer["error"], answer
+    assert ask(client, [keypoint(48, 37, "cup")])["result"][0]["value"]["polygonlabels"] == ["cup"]
+
+
+def test_a_full_turn_is_no_rotation():
+    turned = rectangle(12, 8, 24, 16, "plate")
+    turned["value"]["rotation"] = 360
+    assert parse_context({"result": [turned]}).box == pytest.approx((10.0, 10.0, 10.0, 10.0))
+
+
 def test_parse_context_shapes():
     assert parse_context(None) is None and parse_context({}) is None
     assert parse_context({"result": [{"type": "choices", "value": {"choices": ["a"]}}]}) is None

@@ -141,6 +141,37 @@ def test_rank_images_most_uncertain_first(coco_dir, tmp_path, capsys):
     assert {ln.split()[-1] for ln in lines} == set(paths)
 
 
+def test_rank_names_the_tasks_it_cannot_read_and_still_ranks_the_others(coco_dir, tmp_path, monkeypatch, capsys):
+    """A project task whose image is gone, or whose data lacks the image field, is listed with its error
+    and the exit code says so; the ranking of every other task is printed (not lost to a traceback)."""
+    import base64
+
+    import backend.learning_cli as learning_cli
+    import backend.training_data as training_data
+    from backend.label_config import make_label_config, parse_label_config
+    from backend.tasks import ImageFetcher
+    from odise_core.vocabulary import Vocabulary
+
+    pngs = sorted((coco_dir / "images").glob("*.png"))
+    tasks = [{"id": i + 1, "annotations": [],
+              "data": {"image": "data:image/png;base64," + base64.b64encode(p.read_bytes()).decode()}}
+             for i, p in enumerate(pngs)]
+    tasks += [{"id": 8, "annotations": [], "data": {"image": "http://127.0.0.1:9/gone.png"}},
+              {"id": 9, "annotations": [], "data": {"picture": "x.png"}}]
+    target = parse_label_config(make_label_config(Vocabulary.from_text(",".join(CLASS_NAMES)))).targets[0]
+    monkeypatch.setattr(learning_cli, "_label_studio", lambda args: (None, target, ImageFetcher()))
+    monkeypatch.setattr(training_data, "fetch_tasks", lambda client, project, only_annotated: tasks)
+    assert main(["rank", "--project", "5", "--preset", "tiny", "--device", "cpu", "--model-dir", str(tmp_path)]) == 1
+    out, err = capsys.readouterr()
+    lines = [ln for ln in out.splitlines() if ln and not ln.startswith("#")][1:]
+    assert sorted(int(ln.split()[0]) for ln in lines) == [1, 2, 3, 4]
+    scores = [float(ln.split()[1]) for ln in lines]
+    assert scores == sorted(scores)
+    assert "task 8 not ranked: http://127.0.0.1:9/gone.png: download failed" in err
+    assert "task 9 not ranked: task image value must be a non-empty string, got None" in err
+    assert "2 of 6 tasks could not be ranked" in out
+
+
 def test_models_errors_are_messages_not_tracebacks(tmp_path, capsys):
     assert main(["models", "9", "--model-dir", str(tmp_path), "--rollback"]) == 2
     assert "nothing to roll back" in capsys.readouterr().err

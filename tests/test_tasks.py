@@ -9,6 +9,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import quote, quote_from_bytes
 
 import numpy as np
 import pytest
@@ -80,8 +81,22 @@ class _Server:
                         return self._send(401, b'{"detail": "no"}', "application/json")
                 if self.path.endswith("/slow.png"):
                     time.sleep(2)
+                if self.path.endswith("/drip.png"):  # a sixteenth of the image every 0.25 s: ~4 s in all
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(COFFEE_PNG)))
+                    self.end_headers()
+                    step = len(COFFEE_PNG) // 16 + 1
+                    for start in range(0, len(COFFEE_PNG), step):
+                        self.wfile.write(COFFEE_PNG[start:start + step])
+                        self.wfile.flush()
+                        time.sleep(0.25)
+                    return
                 if self.path.endswith("/text.txt"):
                     return self._send(200, b"hello, not an image", "text/plain")
+                if self.path.endswith("/login.png"):  # what a sign-in page or a proxy's error page answers
+                    return self._send(200, b"<!DOCTYPE html>\n<html><body>Sign in</body></html>", "text/html")
+                if self.path.endswith("/error.png"):
+                    return self._send(200, b'{"detail": "Not found."}', "application/json")
                 if self.path.endswith("/big.png"):
                     return self._send(200, b"\0" * (2 * 2 ** 20))
                 self._send(200, COFFEE_PNG)
@@ -115,6 +130,35 @@ def test_data_uri_and_local_path(tmp_path: Path) -> None:
         fetcher.fetch(str(tmp_path / "missing.png"))
     with pytest.raises(ImageFetchError, match="disabled"):
         ImageFetcher(allow_local_paths=False).fetch(str(path))
+
+
+B64 = base64.b64encode(COFFEE_PNG).decode()
+
+
+@pytest.mark.parametrize("uri", [
+    "data:image/png;base64," + B64.rstrip("="),
+    "data:image/png;BASE64," + B64,
+    "data:image/png;base64," + quote(B64, safe=""),
+    "data:image/png," + quote_from_bytes(COFFEE_PNG),
+], ids=["no padding", "BASE64", "percent-encoded base64", "percent-encoded bytes"])
+def test_data_uris_decode_as_the_browser_showing_them_does(uri: str) -> None:
+    """Label Studio's editor shows what the browser decodes (data: URLs as WHATWG defines them: percent-decoded,
+    then forgiving base64, whose padding is optional and whose marker ignores case), so the backend does too."""
+    assert B64.endswith("=") and "%" in quote(B64, safe="")
+    assert np.array_equal(ImageFetcher().fetch(uri), COFFEE)
+
+
+def test_answers_that_are_no_image_say_what_they_are(server: _Server) -> None:
+    fetcher = ImageFetcher()
+    with pytest.raises(ImageFetchError, match=r"login.png: got an HTML page, not an image \(a sign-in or error page"):
+        fetcher.fetch(f"{server.url}/public/login.png")
+    with pytest.raises(ImageFetchError, match=r'error.png: got JSON, not an image: {"detail": "Not found."}'):
+        fetcher.fetch(f"{server.url}/public/error.png")
+    with pytest.raises(ImageFetchError) as caught:
+        fetcher.fetch("data:image/png;base64," + base64.b64encode(b"\x00\x01 garbage").decode())
+    assert str(caught.value).endswith(": the data (10 bytes) is not a readable image: no image format recognised")
+    with pytest.raises(ImageFetchError, match="malformed data URI"):
+        fetcher.fetch("data:image/png;base64,AAAAA")
 
 
 def test_http_download_is_cached_by_url(server: _Server) -> None:
@@ -191,6 +235,17 @@ def test_limits_and_bad_content(server: _Server) -> None:
         fetcher.fetch("s3://bucket/a.png")
     with pytest.raises(ImageFetchError, match="non-empty string"):
         fetcher.fetch("")
+
+
+def test_a_server_trickling_bytes_cannot_hold_a_download_past_the_timeout(server: _Server) -> None:
+    """The read timeout bounds each wait for a byte; the whole download is bounded too, or a server sending a
+    little every quarter second would hold the prediction (and Label Studio's request) for as long as it likes."""
+    fetcher = ImageFetcher(timeout=(2, 1.0))
+    t0 = time.perf_counter()
+    with pytest.raises(ImageFetchError, match=r"drip.png: timed out: the download took more than 1 s \(IMAGE_TIMEOUT\)"):
+        fetcher.fetch(f"{server.url}/public/drip.png")
+    assert time.perf_counter() - t0 < 2.5
+    assert np.array_equal(ImageFetcher(timeout=(2, 30)).fetch(f"{server.url}/public/drip.png"), COFFEE)
 
 
 def test_decompression_bomb_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
