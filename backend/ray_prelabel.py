@@ -164,9 +164,13 @@ class PrelabelWorker:
             return self.cpu_seconds + (time.process_time() - self._cpu_since if self._working else 0.0)
 
     def stats(self) -> WorkerStats:
+        """What this actor did; also writes its feature cache hit/miss counts (the actor is killed, not exited)."""
         import ray
         import torch
 
+        feature_cache = getattr(self.runner.model, "feature_cache", None)
+        if feature_cache is not None:
+            feature_cache.flush()
         return WorkerStats(ray.get_runtime_context().get_actor_name() or "", os.getpid(), torch.get_num_threads(),
                            self.images, self.busy_seconds, self._cpu_seconds(),
                            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

@@ -121,6 +121,25 @@ def test_health_setup_predict(ready) -> None:
     assert bright["from_name"] == "label" and bright["to_name"] == "image" and bright["type"] == "polygonlabels"
 
 
+def test_an_exif_rotated_photo_is_segmented_as_label_studio_shows_it(ready) -> None:
+    """Label Studio's editor shows a photo turned by its EXIF orientation (the browser applies it) and keeps
+    regions in percent of that view: the regions, and their original size, are of the turned photo."""
+    _, client = ready
+    stored = np.zeros((H, W, 3), np.uint8)
+    stored[5:20, 10:70] = 255  # a wide bright bar near the top of the stored pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise: the bar stands upright on the right
+    buf = io.BytesIO()
+    Image.fromarray(stored).save(buf, format="PNG", exif=exif)
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    (pred,) = _predict(client, [{"id": 1, "data": {"image": uri}}]).get_json()["results"]
+    bright = next(r for r in pred["result"] if r["value"]["polygonlabels"] == ["Bright"])
+    assert (bright["original_width"], bright["original_height"]) == (H, W)
+    shown = np.rot90(stored, k=-1).mean(-1) > 128
+    pts = np.asarray(bright["value"]["points"]) / 100 * [H, W]
+    assert mask_iou(polygons_to_mask([pts], W, H), shown) == 1.0
+
+
 def test_one_bad_task_does_not_fail_the_batch(ready) -> None:
     backend, client = ready
     tasks = [{"id": 1, "data": {"image": _data_uri(_image())}},
