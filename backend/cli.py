@@ -276,7 +276,9 @@ def _run_cache(args: argparse.Namespace) -> int:
           f"  entries   {stats.entries}\n"
           f"  size      {stats.bytes / mb:.1f} MB of {stats.max_bytes / mb:.0f} MB max"
           f"{' (disabled)' if not stats.max_bytes else ''}\n"
-          f"  hit rate  {100 * stats.hit_rate:.1f}% ({stats.hits} hits, {stats.misses} misses)\n"
+          f"  hit rate  {100 * stats.hit_rate:.1f}% ({stats.hits} hits, {stats.misses} misses) predicting\n"
+          f"  training  {100 * stats.train_hit_rate:.1f}% ({stats.train_hits} hits, {stats.train_misses} misses) "
+          f"fine-tune view reads\n"
           f"  storage   {stats.storage}")
     return 0
 

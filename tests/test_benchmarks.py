@@ -144,3 +144,14 @@ def test_prelabel_scaling_reports_interleaved_rounds_of_warm_models():
     assert two["ratio_to_1_worker"] == round(statistics.median(
         b / a for a, b in zip(one["rounds_images_per_s"], two["rounds_images_per_s"])), 3)
     assert isinstance(results["ray_1_worker_overhead_ms_per_image"], float)
+
+
+def test_prelabel_scaling_fetches_over_a_slow_local_host():
+    """--fetch-delay: both paths download every image over HTTP, under new URLs each run; the actors' busy
+    share and model time per image are reported."""
+    pytest.importorskip("ray")
+    results = json.loads(_run("prelabel_scaling.py", "--fast", "--images", "3", "--workers", "1",
+                              "--fetch-delay", "0.3", "--json"))
+    assert (results["fetch_delay_s"], results["downloads"]) == (0.3, 2 * 3)  # single process and one actor
+    (one,) = results["ray"]
+    assert 0 < one["busy"] < 1 and one["model_s_per_image"] > 0  # busy < 1: the first download precedes the model

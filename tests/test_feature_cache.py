@@ -132,11 +132,14 @@ def _worker(root: str, worker: int, rounds: int, queue: multiprocessing.Queue) -
         key = f"k{(r + worker) % 6}"
         got = cache.get_or_compute(key, lambda k=key: _features(int(k[1:])))
         wrong += not torch.equal(got["s2"], _features(int(key[1:]))["s2"])
+    cache.flush()  # multiprocessing ends a forked worker with os._exit: no atexit flush
     queue.put(wrong)
 
 
 def test_concurrent_processes_keep_the_cache_consistent(tmp_path):
     ctx = multiprocessing.get_context("fork")  # spawn would import torch again in every worker: minutes here
+    parent = FeatureCache(tmp_path, max_bytes=4 * (_bytes(4) + 1000), storage="fp32")
+    parent.get_or_compute("k0", lambda: _features(0))  # counted, not yet flushed: a forked child must not add it
     queue = ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(str(tmp_path), w, 30, queue)) for w in range(3)]
     for p in procs:
@@ -147,12 +150,171 @@ def test_concurrent_processes_keep_the_cache_consistent(tmp_path):
     assert [queue.get(timeout=5) for _ in procs] == [0, 0, 0]
     cache = FeatureCache(tmp_path, max_bytes=4 * (_bytes(4) + 1000), storage="fp32")
     stats = cache.stats()
-    assert stats.hits + stats.misses == 90 and stats.misses >= 6
+    assert stats.hits + stats.misses == 91 and stats.misses >= 6
     assert 1 <= stats.entries <= 4 and stats.bytes <= cache.max_bytes
     assert not list(Path(tmp_path).glob(".tmp-*"))
     for key in [f"k{i}" for i in range(6)]:
         if cache.contains(key):  # every entry left is whole and holds its own key's features
             assert torch.equal(cache.get_or_compute(key, dict)["s2"], _features(int(key[1:]))["s2"])
+
+
+# ----------------------------------------------------------------------------- the memory tier
+@pytest.fixture
+def disk_loads(monkeypatch) -> list[Path]:
+    """Paths of every entry file the feature cache opens (a lookup of an absent file opens none), in order."""
+    from odise_core import feature_cache
+
+    opened: list[Path] = []
+    real = feature_cache.safe_open
+
+    def counting(path, *args, **kwargs):
+        handle = real(path, *args, **kwargs)
+        opened.append(Path(path))
+        return handle
+
+    monkeypatch.setattr(feature_cache, "safe_open", counting)
+    return opened
+
+
+def test_memory_hits_do_not_read_the_disk(tmp_path, disk_loads):
+    FeatureCache(tmp_path, max_bytes=10**6, storage="fp32").get_or_compute("a", lambda: _features(0))
+    cache = FeatureCache(tmp_path, max_bytes=10**6, storage="fp32", memory_bytes=10**6)
+    first = cache.get_or_compute("a", dict)  # from disk, checked, then held
+    assert disk_loads == [cache.path_for("a")] and torch.equal(first["s2"], _features(0)["s2"])
+    first["s2"].zero_()  # the caller's copy: the held entry stays as verified
+    cache.path_for("a").unlink()
+    again = cache.get_or_compute("a", lambda: pytest.fail("recomputed"))
+    assert len(disk_loads) == 1 and torch.equal(again["s2"], _features(0)["s2"])
+    computed = cache.get_or_compute("b", lambda: _features(1))  # a miss is held as stored too
+    computed["s3"].zero_()
+    assert torch.equal(cache.get_or_compute("b", dict)["s3"], _features(1)["s3"]) and len(disk_loads) == 1
+    stats = cache.stats()
+    assert (stats.hits, stats.misses) == (3, 2)  # memory hits count as hits
+    cache.clear()
+    assert len(cache.memory) == 0 and cache.memory.bytes == 0
+
+
+def test_memory_tier_keeps_the_most_recently_used_within_its_bytes():
+    from odise_core.feature_cache import MemoryTier
+
+    one = _bytes(2)
+    tier = MemoryTier(int(2.5 * one))
+    for i, key in enumerate("abc"):
+        tier.put(key, {n: t.half() for n, t in _features(i).items()}, 0.0)
+    assert [tier.get(k) is not None for k in "abc"] == [False, True, True] and tier.bytes == 2 * one
+    tier.get("b")  # now more recent than c
+    tier.put("d", {n: t.half() for n, t in _features(3).items()}, 0.0)
+    assert [tier.get(k) is not None for k in "bcd"] == [True, False, True] and tier.bytes == 2 * one
+    tier.put("b", {n: t.half() for n, t in _features(5).items()}, 0.0)  # replaced, not counted twice
+    assert tier.bytes == 2 * one and torch.equal(tier.get("b").tensors["s2"], _features(5)["s2"].half())
+    tier.put("huge", _features(6, size=4000), 0.0)  # larger than the whole budget: not held, nothing dropped
+    assert tier.get("huge") is None and len(tier) == 2
+    zero = MemoryTier(0)
+    zero.put("a", _features(0), 0.0)
+    assert len(zero) == 0 and zero.bytes == 0
+    with pytest.raises(ValueError, match="memory_bytes must be >= 0"):
+        MemoryTier(-1)
+
+
+def test_a_cache_memory_tier_stays_within_its_bytes(tmp_path, disk_loads):
+    one = _bytes(2)
+    cache = FeatureCache(tmp_path, max_bytes=10**6, memory_bytes=int(2.5 * one))
+    for i, key in enumerate("abcd"):
+        cache.get_or_compute(key, lambda i=i: _features(i))
+    assert cache.memory.bytes == 2 * one and not disk_loads
+    cache.get_or_compute("a", dict)  # dropped from memory: read from disk and held again
+    cache.get_or_compute("d", dict)
+    assert disk_loads == [cache.path_for("a")] and cache.memory.bytes == 2 * one
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_corrupt_disk_entry_is_still_detected_behind_the_memory_tier(tmp_path, damage, caplog):
+    FeatureCache(tmp_path, max_bytes=10**6, storage="fp32").get_or_compute("a", lambda: _features(0))
+    path = FeatureCache(tmp_path, max_bytes=10**6, storage="fp32").path_for("a")
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[-10] ^= 0xFF
+    else:
+        data = data[: len(data) // 2]
+    path.write_bytes(bytes(data))
+    cache = FeatureCache(tmp_path, max_bytes=10**6, storage="fp32", memory_bytes=10**6)
+    with caplog.at_level("WARNING", logger="odise_core.feature_cache"):
+        got = cache.get_or_compute("a", lambda: _features(0))
+    assert "deleted, the features are recomputed" in caplog.text
+    assert torch.equal(got["s2"], _features(0)["s2"]) and (cache.stats().hits, cache.stats().misses) == (0, 2)
+    assert torch.equal(cache.memory.get("a").tensors["s2"], _features(0)["s2"])  # the recomputed entry is held
+    assert torch.equal(FeatureCache(tmp_path, 10**6, "fp32").get_or_compute("a", dict)["s2"], _features(0)["s2"])
+
+
+def test_memory_hits_keep_the_disk_entry_recent_at_a_bounded_rate(tmp_path):
+    from odise_core.feature_cache import TOUCH_SECONDS
+
+    cache = FeatureCache(tmp_path, max_bytes=10**6, memory_bytes=10**6)
+    cache.get_or_compute("a", lambda: _features(0))
+    path, old = cache.path_for("a"), time.time() - 1000
+    os.utime(path, (old, old))
+    cache.get_or_compute("a", dict)
+    assert path.stat().st_mtime == pytest.approx(old)  # set on the store a moment ago: not again yet
+    cache.memory.get("a").touched -= TOUCH_SECONDS
+    cache.get_or_compute("a", dict)
+    assert path.stat().st_mtime == pytest.approx(time.time(), abs=5)  # disk eviction sees it used
+
+
+# ----------------------------------------------------------------------------- hit/miss counts
+def test_counts_per_purpose_are_batched_then_flushed(tmp_path, monkeypatch):
+    from odise_core import feature_cache
+
+    monkeypatch.setattr(feature_cache, "FLUSH_SECONDS", 2.0)
+    cache = FeatureCache(tmp_path, max_bytes=10**6)
+    stats_json = tmp_path / "stats.json"
+    for key, purpose in [("a", "predict"), ("a", "predict"), ("b", "train"), ("b", "train"), ("b", "train")]:
+        cache.get_or_compute(key, lambda: _features(0), purpose=purpose)
+    assert not stats_json.exists()  # counted in memory only
+    deadline = time.time() + 30
+    while not stats_json.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    assert json.loads(stats_json.read_text()) == {"predict": {"hits": 1, "misses": 1},
+                                                  "train": {"hits": 2, "misses": 1}}
+    cache.get_or_compute("a", dict, purpose="train")
+    stats = cache.stats()  # flushes this process's counts first
+    assert (stats.hits, stats.misses, stats.train_hits, stats.train_misses) == (1, 1, 3, 1)
+    assert (stats.hit_rate, stats.train_hit_rate) == (0.5, 0.75)
+    with pytest.raises(ValueError, match="purpose must be one of predict, train"):
+        cache.get_or_compute("a", dict, purpose="serve")
+    stats_json.write_text(json.dumps({"hits": 4, "misses": 6}))  # written by an earlier version: prediction's
+    cache.get_or_compute("a", dict)
+    assert (cache.stats().hits, cache.stats().misses, cache.stats().train_hits) == (5, 6, 0)
+    cache.get_or_compute("a", dict)
+    cache.clear()  # drops this process's uncounted lookups too
+    assert (cache.stats().hits, cache.stats().misses) == (0, 0)
+
+
+_COUNTING = """
+import sys
+from odise_core.feature_cache import FeatureCache
+import torch
+cache = FeatureCache(sys.argv[1], max_bytes=10**6)
+for i in range(int(sys.argv[2])):
+    cache.get_or_compute(f"k{i % 3}", lambda: {"x": torch.ones(4)})
+for i in range(int(sys.argv[3])):
+    cache.get_or_compute(f"k{i % 2}", lambda: {"x": torch.ones(4)}, purpose="train")
+"""
+
+
+def test_counts_of_processes_that_exit_sum_in_stats_json(tmp_path):
+    import subprocess
+    import sys
+
+    cache = FeatureCache(tmp_path, max_bytes=10**6)
+    cache.get_or_compute("k0", lambda: {"x": torch.ones(4)})
+    cache.flush()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # this checkout first
+    procs = [subprocess.Popen([sys.executable, "-c", _COUNTING, str(tmp_path), str(n), str(m)], env=env)
+             for n, m in ((40, 7), (25, 11))]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    stats = cache.stats()  # each process added its counts at exit, under the lock
+    assert (stats.hits + stats.misses, stats.train_hits + stats.train_misses) == (1 + 40 + 25, 7 + 11)
+    assert stats.entries == 3 and 3 <= stats.misses <= 5 and stats.train_misses == 0  # k1, k2: once or twice
 
 
 # ----------------------------------------------------------------------------- the predictor
@@ -252,7 +414,8 @@ def test_heads_only_fine_tune_keeps_hitting_and_a_projection_fine_tune_misses(ph
     options = FinetuneOptions(steps=2, views_per_image=2, num_points=256, lr=1e-3, grad_clip=None)
     finetune(predictor.model, samples, options, vocab=vocab, feature_cache=predictor.feature_cache)
     stats = predictor.feature_cache.stats()
-    assert stats.entries == stats.misses >= 2  # the image and the views the steps drew
+    assert stats.misses == 1 and stats.hits == 0  # the image, predicted
+    assert stats.entries == 1 + stats.train_misses >= 2  # and the views the steps drew, fine-tuning
     heads = predictor.predict_raw(image, vocab)
     assert (first.feature_cache, heads.feature_cache) == ("miss", "hit")
     assert not torch.equal(first.class_probs, heads.class_probs)  # the heads changed, the features stand
@@ -264,6 +427,25 @@ def test_heads_only_fine_tune_keeps_hitting_and_a_projection_fine_tune_misses(ph
     assert predictor.predict_raw(image, vocab).feature_cache == "miss"
 
 
+def test_fine_tune_reads_each_view_from_disk_at_most_once_per_run(vocab, tmp_path, disk_loads):
+    from odise_core.tools.synthetic import make_scene
+    from odise_core.training.finetune import FinetuneOptions, TrainSample, finetune
+
+    model = build_predictor(get_config("tiny"), device="cpu", text_cache=TextEmbeddingCache(None)).model
+    scene = make_scene(5, size=128)
+    samples = [TrainSample(scene.image, scene.masks, scene.classes % len(vocab))]
+    cache = FeatureCache(tmp_path, 10**9, storage="fp16")
+    options = FinetuneOptions(steps=5, batch_size=2, views_per_image=2, num_points=256, grad_clip=None)
+    cold = finetune(model, samples, options, vocab=vocab, feature_cache=cache)
+    views = cache.stats().entries
+    assert not disk_loads and cache.stats().train_misses == views == 2  # computed, then read from memory
+    warm = finetune(model, samples, options, vocab=vocab, feature_cache=cache)
+    assert len(disk_loads) == len(set(disk_loads)) == views  # 10 reads, each view loaded from disk once
+    stats = cache.stats()
+    assert (stats.train_hits, stats.train_misses, stats.hits, stats.misses) == (10 + 10 - views, views, 0, 0)
+    assert warm.seconds_features == 0 < cold.seconds_features
+
+
 # ----------------------------------------------------------------------------- odise-ls cache
 def test_cache_command_shows_and_clears(tmp_path, capsys, monkeypatch):
     from backend.cli import main
@@ -272,20 +454,24 @@ def test_cache_command_shows_and_clears(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("FEATURE_CACHE_DTYPE")
     monkeypatch.setenv("MODEL_DIR", str(tmp_path / "models"))
     cache = FeatureCache(tmp_path / "models" / "feature_cache", max_bytes=10**6, storage="fp16")
-    for key in ("a", "b", "a"):
-        cache.get_or_compute(key, lambda: _features(0))
+    for key, purpose in (("a", "predict"), ("b", "predict"), ("a", "predict"), ("a", "train"), ("c", "train")):
+        cache.get_or_compute(key, lambda: _features(0), purpose=purpose)
     size = cache.stats().bytes
     assert main(["cache", "--json", "--feature-cache-mb", "2"]) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert shown == {"entries": 2, "bytes": size, "max_bytes": 2 * 2**20, "hits": 1, "misses": 2,
-                     "hit_rate": pytest.approx(1 / 3), "storage": "fp16", "root": str(cache.root)}
+    assert shown == {"entries": 3, "bytes": size, "max_bytes": 2 * 2**20, "hits": 1, "misses": 2,
+                     "hit_rate": pytest.approx(1 / 3), "train_hits": 1, "train_misses": 1, "train_hit_rate": 0.5,
+                     "storage": "fp16", "root": str(cache.root)}
     assert main(["cache"]) == 0
     text = capsys.readouterr().out
-    assert f"feature cache {cache.root}" in text and "entries   2" in text and "33.3% (1 hits, 2 misses)" in text
+    assert f"feature cache {cache.root}" in text and "entries   3" in text
+    assert "hit rate  33.3% (1 hits, 2 misses) predicting" in text
+    assert "training  50.0% (1 hits, 1 misses) fine-tune view reads" in text
     assert f"{size / 2**20:.1f} MB of 16384 MB max" in text
     assert main(["cache", "clear", "--json"]) == 0
     cleared = json.loads(capsys.readouterr().out)
-    assert (cleared["removed"], cleared["entries"], cleared["bytes"], cleared["hits"]) == (2, 0, 0, 0)
+    assert (cleared["removed"], cleared["entries"], cleared["bytes"], cleared["hits"], cleared["train_hits"]) == \
+        (3, 0, 0, 0, 0)
     assert not cache.contains("a")
     assert main(["cache", "clear", "--feature-cache-dir", str(tmp_path / "elsewhere")]) == 0
     assert capsys.readouterr().out == f"removed 0 entries from {tmp_path / 'elsewhere'}\n"

@@ -2,7 +2,8 @@
 
 SD and CLIP stay frozen; the fused diffusion features of each augmented view are kept in a
 FeatureCache (odise_core/feature_cache.py, the one prediction uses), so the backbone runs once per
-view. The losses are those of training/losses.py.
+view, and in that cache's memory tier for the run, so a step reads its views from RAM after their
+first read. The losses are those of training/losses.py.
 """
 from __future__ import annotations
 
@@ -50,9 +51,11 @@ class FinetuneOptions:
 
     Each image gets `views_per_image` augmented views (view 0 unaugmented; others random flip and
     scale jitter, then a random `crop`-sized window); their diffusion features are computed once
-    and cached, so the frozen backbone runs once per view. Without a caller's feature cache, a
-    private one in a temporary folder holds them (as float16 when `cache_half`; a fused 512 view of
-    the full preset takes about 22 MB) under `cache_limit_gb`.
+    and cached, so the frozen backbone runs once per view. During a run, up to `cache_limit_gb` of
+    them stay in memory (as stored: a fused 512 view of the full preset takes about 22 MB in
+    float16), so every step after a view's first read takes it from RAM; beyond that the least
+    recently used are read back from the feature cache. Without a caller's feature cache, a private
+    one in a temporary folder holds them (as float16 when `cache_half`), also under `cache_limit_gb`.
     `grad_clip` is the max L2 norm of all trainable gradients together (the reference uses 0.01).
     """
 
@@ -69,7 +72,7 @@ class FinetuneOptions:
     scale_jitter: tuple[float, float] = (0.8, 1.25)
     views_per_image: int = 4
     cache_half: bool = True
-    cache_limit_gb: float = 8.0  # private cache: least recently used views beyond this are recomputed on reuse
+    cache_limit_gb: float = 8.0  # views kept in memory during a run (and the private cache's disk bound)
     seed: int = 0
     device: str | None = None  # None: the model's device
     num_points: int = 12544  # points per mask in the matcher and the mask losses (the reference's 112*112)
@@ -159,9 +162,11 @@ def finetune(model: "ODISE", samples: list[TrainSample], options: FinetuneOption
     step and ends the run early (the weights keep the updates made so far). `feature_cache` (the
     predictor's) keeps view features across calls and processes, keyed by the view's pixels, its kind
     (fused, or raw when the projections train) and the backbone's weights; without one (or with a
-    disabled one) a private cache lives for this call. Views are used as stored, hit or miss, so a
-    run does not depend on what was cached. `feature_lock` is held around every backbone pass (a
-    server shares the frozen backbone with its serving model).
+    disabled one) a private cache lives for this call. Either way a memory tier of
+    `options.cache_limit_gb` for this call sits in front of it, and the reads count as "train" in
+    the cache's statistics. Views are used as stored, hit or miss, so a run does not depend on what
+    was cached. `feature_lock` is held around every backbone pass (a server shares the frozen
+    backbone with its serving model).
     """
     if not samples:
         raise ValueError("finetune needs at least one training sample")
@@ -218,11 +223,11 @@ def finetune(model: "ODISE", samples: list[TrainSample], options: FinetuneOption
             per.append(plan_view(hw, cfg.min_size, cfg.max_size, crop, flip, scale, view_rng))
         plans.append(per)
     private = None
+    limit_bytes = int(options.cache_limit_gb * 2**30)
     if feature_cache is None or not feature_cache.enabled:
         private = tempfile.TemporaryDirectory(prefix="odise-finetune-features-")
-        feature_cache = FeatureCache(private.name, int(options.cache_limit_gb * 2**30),
-                                     "fp16" if options.cache_half else "fp32")
-    cache = feature_cache
+        feature_cache = FeatureCache(private.name, limit_bytes, "fp16" if options.cache_half else "fp32")
+    cache = feature_cache.with_memory(limit_bytes)
     keys: dict[tuple[int, int], str] = {}
     rendered: dict[tuple[int, int], Target] = {}
     seconds_features = 0.0
@@ -252,7 +257,7 @@ def finetune(model: "ODISE", samples: list[TrainSample], options: FinetuneOption
             seconds_features += time.perf_counter() - t0
             return feats
 
-        return cache.get_or_compute(keys[(i, v)], compute, as_stored=True), rendered[(i, v)]
+        return cache.get_or_compute(keys[(i, v)], compute, as_stored=True, purpose="train"), rendered[(i, v)]
 
     losses: list[float] = []
     seconds_train = 0.0
@@ -293,6 +298,7 @@ def finetune(model: "ODISE", samples: list[TrainSample], options: FinetuneOption
         model.eval()
         if raw:
             model.forget_backbone_digest()  # the projections changed: fused features get new keys
+        cache.flush()
         if private is not None:
             private.cleanup()
     return FinetuneResult(losses=losses, steps=len(losses), stopped=stopped, seconds_features=seconds_features,
