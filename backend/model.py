@@ -28,8 +28,6 @@ from odise_core.types import RawPrediction
 
 log = logging.getLogger(__name__)
 
-TRAIN_EVENTS = ("START_TRAINING", "ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
-
 
 class ModelState(str, Enum):
     LOADING = "loading"
@@ -288,9 +286,11 @@ class ODISEBackend:
 
     # ----------------------------------------------------------------- training
     def handle_webhook(self, event: str, payload: dict) -> dict:
-        """Forward training events to the job manager; other events are acknowledged and ignored."""
-        if event not in TRAIN_EVENTS:
-            return {"status": "ignored", "reason": f"event {event} does not train"}
+        """Forward training events to the job manager; events that do not train under the policy are
+        acknowledged and ignored before anything else (model, config, credentials) is asked of them."""
+        reason = self.jobs.ignored_reason(event)
+        if reason is not None:
+            return {"status": "ignored", "reason": reason}
         project = payload.get("project") or {}
         project_id = project_id_of(project)
         label_config = project.get("label_config") if isinstance(project, dict) else None

@@ -8,6 +8,8 @@ their model once with `backend.settings.build_model` through `ODISEBackend`, exa
 single-process path does, run torch on as many threads as the CPUs Ray reserved for them (more
 threads than cores makes every actor wait on descheduled threads), and fetch their images
 themselves (Label Studio credentials travel in the pickled settings, whose repr hides the key).
+Actors are threaded (Ray's `max_concurrency`): each queued image is fetched on its own call's thread
+while the model, behind a lock, works on another, so a slow download does not leave the model idle.
 An actor that dies is replaced by a new one, so a long run keeps its N workers, and its images
 are handed on; an image that kills two actors is listed as failed. Ray is imported lazily: it is
 the optional extra `odise-label-studio[ray]`.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import threading
 import time
 import uuid
 from collections import deque
@@ -34,7 +37,8 @@ from backend.prelabel import (LOCAL_FILES_PREFIX, ImportFile, PredictionWriter, 
 
 log = logging.getLogger(__name__)
 
-IN_FLIGHT_PER_WORKER = 2  # the next image waits in the actor's queue while the current one runs
+PREFETCH_PER_WORKER = 2  # images an actor fetches (and holds decoded) while the model works on another
+IN_FLIGHT_PER_WORKER = 1 + PREFETCH_PER_WORKER
 MAX_ATTEMPTS = 2  # an image that killed this many actors is listed as failed instead of killing more
 ACTOR_PREFIX = "odise-prelabel"
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -75,7 +79,8 @@ def thread_count(cpus: float) -> int:
 
 @dataclass
 class WorkerStats:
-    """What one actor did: images answered, seconds spent in them (wall and CPU), its peak memory."""
+    """What one actor did: images answered, wall seconds in the model (`busy_seconds`), CPU seconds of the
+    process while it had images in hand (fetch, decode, model), its peak memory."""
 
     name: str
     pid: int
@@ -87,7 +92,12 @@ class WorkerStats:
 
 
 class PrelabelWorker:
-    """One model in one Ray actor: the single-process path's backend, config and model, built once."""
+    """One model in one Ray actor: the single-process path's backend, config and model, built once.
+
+    Meant to run threaded (`max_concurrency` above IN_FLIGHT_PER_WORKER): `predict` fetches its task's
+    images first, on its own thread, then waits for the model lock, so fetching the next images overlaps
+    the current prediction, and at most IN_FLIGHT_PER_WORKER - 1 decoded images wait for the model.
+    """
 
     def __init__(self, settings: Any, label_config: str, project: str | None, threads: int = 1):
         import torch
@@ -103,19 +113,55 @@ class PrelabelWorker:
         version, model = backend.model_for(project)
         self.runner = _Runner(backend, backend.parse_config(label_config), model, version)
         self.images, self.busy_seconds, self.cpu_seconds = 0, 0.0, 0.0
+        self._model = threading.Lock()  # one image in the model at a time, on the threads Ray reserved
+        self._counting = threading.Lock()
+        self._working = 0  # predict calls under way; CPU time is counted while there is one
+        self._cpu_since = 0.0
 
     def model_version(self) -> str:
         return self.runner.version
 
     def predict(self, task: dict[str, Any]) -> dict[str, Any]:
-        """The prediction of `task`, or an entry with "error" and no "result" (never raises for one image)."""
-        wall, cpu = time.perf_counter(), time.process_time()
+        """The prediction of `task`, or an entry with "error" and no "result" for an image that fails.
+
+        The images are fetched into the backend's image cache before the model lock is taken;
+        `predict_task` then finds them there. Busy time is the time holding the model lock.
+        """
+        from backend.tasks import ImageFetchError
+
+        self._begin()
         try:
-            return self.runner.backend.predict_task(task, self.runner.config, self.runner.model, self.runner.version)
+            try:
+                self.runner.fetch(task)
+            except ImageFetchError as e:  # the entry predict_task would make, without holding the model
+                return {"error": str(e), "task": task.get("id"), "model_version": self.runner.version}
+            with self._model:
+                wall = time.perf_counter()
+                try:
+                    return self.runner.backend.predict_task(task, self.runner.config, self.runner.model,
+                                                            self.runner.version)
+                finally:
+                    self.busy_seconds += time.perf_counter() - wall
         finally:
+            self._end()
+
+    def _begin(self) -> None:
+        with self._counting:
+            if self._working == 0:
+                self._cpu_since = time.process_time()
+            self._working += 1
+
+    def _end(self) -> None:
+        with self._counting:
+            self._working -= 1
             self.images += 1
-            self.busy_seconds += time.perf_counter() - wall
-            self.cpu_seconds += time.process_time() - cpu
+            if self._working == 0:
+                self.cpu_seconds += time.process_time() - self._cpu_since
+
+    def _cpu_seconds(self) -> float:
+        """The process's CPU time while it had an image in hand (fetching, decoding, predicting), so far."""
+        with self._counting:
+            return self.cpu_seconds + (time.process_time() - self._cpu_since if self._working else 0.0)
 
     def stats(self) -> WorkerStats:
         """What this actor did; also writes its feature cache hit/miss counts (the actor is killed, not exited)."""
@@ -126,7 +172,7 @@ class PrelabelWorker:
         if feature_cache is not None:
             feature_cache.flush()
         return WorkerStats(ray.get_runtime_context().get_actor_name() or "", os.getpid(), torch.get_num_threads(),
-                           self.images, self.busy_seconds, self.cpu_seconds,
+                           self.images, self.busy_seconds, self._cpu_seconds(),
                            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
@@ -165,6 +211,7 @@ class WorkerPool:
         threads = thread_count(cpus_per_worker)
         self._remote = ray.remote(PrelabelWorker)
         self._options = dict(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
+                             max_concurrency=IN_FLIGHT_PER_WORKER + 1,  # + 1: stats() never waits behind images
                              runtime_env={"env_vars": {name: str(threads) for name in THREAD_VARIABLES}})
         self._args = (settings, label_config, project, threads)
         self._run = uuid.uuid4().hex[:8]
@@ -230,7 +277,9 @@ def distribute(pool: WorkerPool, items: Sequence[dict[str, Any]], name: Callable
                progress: bool = True) -> None:
     """Predict every task of `items` on the pool's actors; `on_result(task, prediction)` runs here, per answer.
 
-    Each actor has IN_FLIGHT_PER_WORKER images queued, so it never waits for the driver. A dead actor
+    Each actor has IN_FLIGHT_PER_WORKER images in hand (one in the model, the others being fetched or
+    waiting decoded), so it never waits for the driver or, when downloads are slower than the model, for
+    one download at a time. A dead actor
     is replaced at once; the new one joins when its model is built and reports the run's version
     (one that cannot start or disagrees is dropped, not replaced again). Failures (error entries,
     `on_result` raising, an image that killed MAX_ATTEMPTS actors, no actor left) are recorded in
@@ -308,6 +357,8 @@ def distribute(pool: WorkerPool, items: Sequence[dict[str, Any]], name: Callable
                     queue.append((index, attempts + 1))
                     dispatch()
                     continue
+            except ray.exceptions.RayTaskError as e:  # the call raised (a bug, not a dead actor): this image fails
+                fail(index, f"{type(e.cause).__name__}: {e.cause}")
             else:
                 if "result" not in prediction:
                     fail(index, prediction.get("error", "prediction failed"))
@@ -361,11 +412,16 @@ def prelabel_folder_on_ray(settings: Any, label_config: str, folder: str | Path,
 
 def prelabel_project_on_ray(settings: Any, client: Any, project_id: int, workers: int = 2,
                             gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0,
-                            progress: bool = True) -> RaySummary:
-    """`backend.prelabel.prelabel_project` on Ray actors; predictions are written in batches (PredictionWriter)."""
+                            progress: bool = True, pool: WorkerPool | None = None) -> RaySummary:
+    """`backend.prelabel.prelabel_project` on Ray actors; predictions are written in batches (PredictionWriter).
+
+    `pool`: run on these actors (built for this project and its label config, kept running) instead of
+    starting `workers`.
+    """
     project = client.projects.get(id=project_id)
     tasks = project_tasks(client, project_id)
-    with WorkerPool(settings, project.label_config, str(project_id), workers, gpus_per_worker, cpus_per_worker) as pool:
+    with nullcontext(pool) if pool is not None else WorkerPool(
+            settings, project.label_config, str(project_id), workers, gpus_per_worker, cpus_per_worker) as pool:
         todo = [t for t in tasks if not _has_version(t.get("predictions"), pool.version)]
         summary = RaySummary(total=len(tasks), skipped=len(tasks) - len(todo), model_version=pool.version)
         writer = PredictionWriter(client, project_id)

@@ -421,6 +421,22 @@ def test_webhooks(ready) -> None:
     assert client.post("/job_status", json={"job": "nope"}).status_code == 410
 
 
+def test_annotation_webhooks_that_cannot_train_are_acknowledged_whatever_else_is_missing(tmp_path: Path) -> None:
+    """With ODISE_TRAIN_ON_ANNOTATION off, annotation events (Label Studio sends every event to a webhook by
+    default) are acknowledged as ignored, not refused for a model still loading, unknown Label Studio
+    credentials or a config the model cannot label; Start Training still says why it cannot run."""
+    backend = _backend(tmp_path, on_annotation=False)
+    client = create_app(backend).test_client()  # the model is still loading
+    choices = "<View><Text name='t' value='$t'/><Choices name='c' toName='t'><Choice value='a'/></Choices></View>"
+    for action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED"):
+        for config in (CONFIG, choices):
+            r = client.post("/webhook", json={"action": action, "project": {"id": 3, "label_config": config}})
+            assert r.status_code == 200 and r.get_json() == {
+                "status": "ignored", "reason": "training on annotation events is off (ODISE_TRAIN_ON_ANNOTATION)"}
+    r = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 3, "label_config": CONFIG}})
+    assert r.status_code == 503 and "loading" in r.get_json()["error"]
+
+
 def test_training_does_not_block_predictions(tmp_path: Path, monkeypatch) -> None:
     backend = _backend(tmp_path)
     backend.start_loading(background=False)

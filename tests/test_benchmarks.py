@@ -148,6 +148,17 @@ def test_prelabel_scaling_reports_interleaved_rounds_of_warm_models():
     assert isinstance(results["ray_1_worker_overhead_ms_per_image"], float)
 
 
+def test_prelabel_scaling_fetches_over_a_slow_local_host():
+    """--fetch-delay: both paths download every image over HTTP, under new URLs each run; the actors' busy
+    share and model time per image are reported."""
+    pytest.importorskip("ray")
+    results = json.loads(_run("prelabel_scaling.py", "--fast", "--images", "3", "--workers", "1",
+                              "--fetch-delay", "0.3", "--json"))
+    assert (results["fetch_delay_s"], results["downloads"]) == (0.3, 2 * 3)  # single process and one actor
+    (one,) = results["ray"]
+    assert 0 < one["busy"] < 1 and one["model_s_per_image"] > 0  # busy < 1: the first download precedes the model
+
+
 def test_maskclip_reports_the_split_against_the_whole_transformer():
     report = json.loads(_run("maskclip.py", "--preset", "tiny", "--repeats", "2", "--json"))
     assert (report["queries"], report["layers"], report["tokens"], report["width"]) == (20, 2, 17, 64)

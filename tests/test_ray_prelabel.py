@@ -1,17 +1,22 @@
 """`prelabel --ray` on a local Ray cluster (2 CPUs, tiny preset): the same outputs as the single-process
-path, resume, a bad image, a killed actor, and a project's predictions written in batches."""
+path, resume, a bad image, a killed actor, a project's predictions written in batches, and actors that
+fetch the next images from a slow image host while the model works."""
 from __future__ import annotations
 
 import json
 import os
 import shutil
 import signal
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from PIL import Image
 from skimage import data as skdata
+from werkzeug.serving import make_server
+from werkzeug.wrappers import Request, Response
 
 from backend.label_config import make_label_config
 from backend.model import BackendSettings, ODISEBackend
@@ -19,12 +24,13 @@ from backend.prelabel import ImportFile, prelabel_folder, prelabel_project
 from odise_core.vocabulary import Vocabulary
 
 from backend.cli import build_parser
-from backend.ray_prelabel import (ACTOR_PREFIX, RayUnavailable, WorkerPool, import_ray, prelabel_folder_on_ray,
-                                  prelabel_project_on_ray)
+from backend.ray_prelabel import (ACTOR_PREFIX, IN_FLIGHT_PER_WORKER, RayUnavailable, WorkerPool, import_ray,
+                                  prelabel_folder_on_ray, prelabel_project_on_ray)
 
 XML = make_label_config(Vocabulary.from_text("person,cat,cup,sky"), kind="polygon")
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 BROKEN = "/data/local-files/?d=photos/broken.jpg"
+DELAY = 0.8  # seconds the slow image host waits before answering each request
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +68,16 @@ def folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def single(settings, folder, tmp_path_factory):
-    """The single-process run everything is compared with: (tasks by URL, summary)."""
+def backend(settings) -> ODISEBackend:
+    """The single-process path's backend."""
     backend = ODISEBackend(settings)
     backend.start_loading(background=False)
+    return backend
+
+
+@pytest.fixture(scope="module")
+def single(backend, folder, tmp_path_factory):
+    """The single-process run everything is compared with: (tasks by URL, summary)."""
     out = tmp_path_factory.mktemp("single") / "tasks.json"
     summary = prelabel_folder(backend, XML, folder, out, progress=False)
     return _tasks(out), summary
@@ -166,11 +178,10 @@ def test_a_killed_actor_is_replaced_and_the_run_ends_with_as_many_workers(cluste
 
 
 class _FakeLabelStudio:
-    """The slice of the SDK client prelabel uses, over tasks held in memory (images are local files)."""
+    """The slice of the SDK client prelabel uses, over tasks held in memory, one per image URL or path."""
 
-    def __init__(self, folder: Path):
-        self.items = [{"id": i + 1, "data": {"image": str(folder / f"{n}.jpg")}, "predictions": []}
-                      for i, n in enumerate(PHOTOS)]
+    def __init__(self, images: list[str]):
+        self.items = [{"id": i + 1, "data": {"image": image}, "predictions": []} for i, image in enumerate(images)]
         self.imports: list[int] = []
         self.projects = SimpleNamespace(get=lambda id: SimpleNamespace(label_config=XML),
                                         import_predictions=self._import)
@@ -186,10 +197,9 @@ class _FakeLabelStudio:
             self._create(r.task, r.result, r.score, r.model_version)
 
 
-def test_project_mode_writes_the_single_process_predictions_in_batches(cluster, settings, folder):
-    backend = ODISEBackend(settings)
-    backend.start_loading(background=False)
-    one, many = _FakeLabelStudio(folder), _FakeLabelStudio(folder)
+def test_project_mode_writes_the_single_process_predictions_in_batches(cluster, settings, backend, folder):
+    paths = [str(folder / f"{n}.jpg") for n in PHOTOS]
+    one, many = _FakeLabelStudio(paths), _FakeLabelStudio(paths)
     base = prelabel_project(backend, one, 7, progress=False)
     summary = prelabel_project_on_ray(settings, many, 7, workers=2, progress=False)
     assert (summary.predicted, summary.failures, summary.model_version) == (len(PHOTOS), [], base.model_version)
@@ -197,6 +207,75 @@ def test_project_mode_writes_the_single_process_predictions_in_batches(cluster, 
     assert _without_ids(many.items) == _without_ids(one.items)
     again = prelabel_project_on_ray(settings, many, 7, workers=1, progress=False)
     assert (again.predicted, again.skipped, many.imports) == (0, len(PHOTOS), [len(PHOTOS)])
+
+
+class _SlowImageHost:
+    """The files of a folder over HTTP on 127.0.0.1, each answer DELAY seconds late; records the paths asked
+    for and the most requests it had under way at once."""
+
+    def __init__(self, folder: Path):
+        self.paths: list[str] = []
+        self.active = self.peak = 0
+        self._lock = threading.Lock()
+
+        @Request.application
+        def app(request: Request) -> Response:
+            with self._lock:
+                self.paths.append(request.path)
+                self.active += 1
+                self.peak = max(self.peak, self.active)
+            time.sleep(DELAY)
+            with self._lock:
+                self.active -= 1
+            file = folder / request.path.rsplit("/", 1)[-1]
+            return Response(file.read_bytes(), mimetype="image/jpeg") if file.is_file() else Response("gone", 404)
+
+        self.server = make_server("127.0.0.1", 0, app, threaded=True)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def slow_host(folder):
+    host = _SlowImageHost(folder)
+    yield host
+    host.server.shutdown()
+    host.server.server_close()
+
+
+def test_an_actor_fetches_the_next_images_while_the_model_works(cluster, settings, backend, slow_host):
+    """One actor, images from a host that answers DELAY s late: the downloads overlap the predictions (the
+    run takes well under the downloads plus the model time, one after the other), each image is downloaded
+    once, and the predictions and failures are the single process's: a missing image and a task whose data
+    is not a dict fail alone, and the next run retries them."""
+    images = [f"{slow_host.url}/{copy}/{name}.jpg" for copy in "ab" for name in PHOTOS] + [f"{slow_host.url}/gone.jpg"]
+    one, many = _FakeLabelStudio(images), _FakeLabelStudio(images)
+    for fake in (one, many):
+        fake.items.append({"id": len(images) + 1, "data": "an image", "predictions": []})
+    base = prelabel_project(backend, one, 7, progress=False)
+    assert base.predicted == 2 * len(PHOTOS)
+    slow_host.paths.clear()
+    slow_host.peak = 0  # the single process's read-ahead had two downloads under way too
+    with WorkerPool(settings, XML, "7", 1) as pool:
+        summary = prelabel_project_on_ray(settings, many, 7, progress=False, pool=pool)
+        again = prelabel_project_on_ray(settings, many, 7, progress=False, pool=pool)
+    assert (summary.predicted, summary.model_version) == (base.predicted, base.model_version)
+    assert _without_ids(many.items) == _without_ids(one.items)
+    failed, failed_before = ({f.item: f.error for f in s.failures} for s in (summary, base))
+    assert sorted(failed) == sorted(failed_before) == ["task 10", "task 9"]  # answers arrive in any order
+    assert "HTTP 404" in failed["task 9"] and "HTTP 404" in failed_before["task 9"]
+    assert failed["task 10"] == failed_before["task 10"] and failed["task 10"].startswith("TypeError: ")
+    assert (again.predicted, again.skipped) == (0, 2 * len(PHOTOS))
+    assert sorted(f.item for f in again.failures) == ["task 10", "task 9"]
+    first = sorted(i[len(slow_host.url):] for i in images)
+    assert sorted(slow_host.paths) == sorted(first + ["/gone.jpg"])  # once each, and the missing one again
+    assert 2 <= slow_host.peak <= IN_FLIGHT_PER_WORKER
+
+    (worker,) = summary.worker_stats
+    assert worker.images == len(images) + 1
+    assert worker.busy_seconds + DELAY <= summary.seconds  # busy is the model's time: the first download precedes it
+    one_after_the_other = len(images) * DELAY + worker.busy_seconds
+    assert summary.seconds < one_after_the_other - len(images) * DELAY / 2, (summary.seconds, worker)
 
 
 def test_without_ray_the_error_says_how_to_install_it(monkeypatch):

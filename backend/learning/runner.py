@@ -143,10 +143,9 @@ class JobManager:
             job = self.submit(key, fetch, serving, vocab, reason=action, min_annotations=1, dedupe=True)
             status = "started" if job.requests == [action] else "attached"
             return {"status": status, "job": job.id}
-        if action not in ANNOTATION_EVENTS:
-            return {"status": "ignored", "reason": f"event {action} does not train"}
-        if not self.policy.on_annotation:
-            return {"status": "ignored", "reason": "training on annotation events is off (ODISE_TRAIN_ON_ANNOTATION)"}
+        reason = self.ignored_reason(action)
+        if reason is not None:
+            return {"status": "ignored", "reason": reason}
         request = _Request(fetch, serving, vocab, max(self.policy.min_annotations, 1), True)
         with self._lock:
             self._last_event[key] = time.time()
@@ -162,6 +161,16 @@ class JobManager:
                         "min_annotations": self.policy.min_annotations}
         job = fire()
         return {"status": "started", "job": job.id}
+
+    def ignored_reason(self, action: str) -> str | None:
+        """Why the Label Studio event `action` asks for no fine-tune under the policy; None when it asks for one."""
+        if action == START_TRAINING:
+            return None
+        if action not in ANNOTATION_EVENTS:
+            return f"event {action} does not train"
+        if not self.policy.on_annotation:
+            return "training on annotation events is off (ODISE_TRAIN_ON_ANNOTATION)"
+        return None
 
     def _annotations_settled(self, key: str, action: str, request: _Request, seq: int) -> Job:
         """The debounce ended: join the running job if it read its data after the last event, else submit."""
