@@ -367,6 +367,14 @@ def _read_counts(root: Path) -> dict[str, dict[str, int]]:
     return counts
 
 
+def _add_counts(into: dict[str, dict[str, int]], delta: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """Add `delta`'s hits and misses per purpose to `into` (changed in place and returned)."""
+    for purpose, outcomes in delta.items():
+        for outcome, n in outcomes.items():
+            into[purpose][outcome] += n
+    return into
+
+
 class _Counts:
     """Hits and misses of one cache folder counted in this process and not yet in its stats.json: a lookup
     only adds to memory; a timer adds them under the file lock within FLUSH_SECONDS (deltas, so the
@@ -408,10 +416,7 @@ class _Counts:
             return
         try:
             with _file_lock(self.root):
-                counts = _read_counts(self.root)
-                for purpose, outcomes in delta.items():
-                    for outcome, n in outcomes.items():
-                        counts[purpose][outcome] += n
+                counts = _add_counts(_read_counts(self.root), delta)
                 tmp = _stats_path(self.root).with_suffix(".json.tmp")
                 tmp.write_text(json.dumps(counts))
                 os.replace(tmp, _stats_path(self.root))
@@ -422,9 +427,7 @@ class _Counts:
         except OSError as exc:
             log.warning("feature cache statistics not written under %s (%s): kept for later", self.root, exc)
         with self._lock:
-            for purpose, outcomes in delta.items():
-                for outcome, n in outcomes.items():
-                    self._pending[purpose][outcome] += n
+            _add_counts(self._pending, delta)
 
     def forget(self) -> None:
         """In a forked child: the parent flushes what it counted; the child starts from nothing."""

@@ -17,7 +17,7 @@ from torch import nn
 
 from odise_core.config import ModelConfig
 from odise_core.feature_cache import Features, FeatureCache, feature_key, maskclip_key
-from odise_core.modeling.head import clip_class_logits, geometric_ensemble
+from odise_core.modeling.head import geometric_ensemble
 from odise_core.modeling.odise import ODISE
 from odise_core.phrase import phrase_probabilities
 from odise_core.postprocess import DIRECT_BUDGET_BYTES, MODES, segments_for_mode
@@ -192,8 +192,7 @@ class ODISEPredictor:
             clip_image, clip_masks = model.maskclip_inputs(prep.tensor, prep.resized_size, out["pred_masks"])
             stream, stream_state = self._maskclip_stream(clip_image)
             clip_embeds = model.mask_embeddings(clip_image, clip_masks, stream)
-            text, syn_to_class = model.text_embeddings(vocab, self.cfg.head.clip_prompt)
-            clip_logits = clip_class_logits(clip_embeds, text, syn_to_class, len(vocab))
+            clip_logits = model.clip_logits(clip_embeds, vocab)
             timings["clip_classifier"] = time.perf_counter() - t
 
         seen = vocab.is_base | torch.tensor([n in model.trained_classes for n in vocab.names], dtype=torch.bool)

@@ -202,6 +202,9 @@ class ODISE(nn.Module):
     def classify_with_clip(self, image01: torch.Tensor, mask_logits: torch.Tensor, vocab: Vocabulary,
                            stream: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """MaskCLIP logits (B,Q,K) of an image and mask logits (as `maskclip_inputs` gives them)."""
+        return self.clip_logits(self.mask_embeddings(image01, mask_logits, stream), vocab)
+
+    def clip_logits(self, embeds: torch.Tensor, vocab: Vocabulary) -> torch.Tensor:
+        """MaskCLIP logits (B,Q,K) of MaskCLIP embeddings (B,Q,D) against `vocab`'s prompted text embeddings."""
         text, syn_to_class = self.text_embeddings(vocab, self.cfg.head.clip_prompt)
-        embeds = self.mask_embeddings(image01, mask_logits, stream)
         return clip_class_logits(embeds, text, syn_to_class, len(vocab))
